@@ -1,0 +1,38 @@
+# lmforge: `make train` and `make test` set everything up themselves.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.lmforge-installed
+ARGS   ?=
+PORT   ?= 6006
+
+.DEFAULT_GOAL := help
+.PHONY: help setup train test test-fast tensorboard bench clean
+
+help: ## List the targets
+	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-12s %s\n", $$1, $$2}'
+
+setup: $(STAMP) ## Create .venv and install lmforge[dev] with the tested pins (no-op when up to date)
+
+$(STAMP): pyproject.toml constraints.txt
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[dev]'
+	@touch $@
+
+train: setup ## Train the default experiment (extra Hydra overrides: make train ARGS="model=lstm")
+	$(BIN)/lmforge train $(ARGS)
+
+test: setup ## Run the whole test suite
+	$(BIN)/python -m pytest $(ARGS)
+
+test-fast: setup ## Run the tests that are not marked slow
+	$(BIN)/python -m pytest -m "not slow" $(ARGS)
+
+tensorboard: setup ## Serve logs/ with TensorBoard on http://127.0.0.1:$(PORT)
+	$(BIN)/tensorboard --logdir logs --host 127.0.0.1 --port $(PORT)
+
+bench: setup ## Run the benchmark suite (not part of make test)
+	$(BIN)/python benchmarks/run_all.py $(ARGS)
+
+clean: ## Remove the virtual environment and caches (keeps logs/ and data/)
+	rm -rf $(VENV) .pytest_cache src/*.egg-info

@@ -1,0 +1,111 @@
+"""Callbacks for language-model training: text samples and throughput."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import ThroughputMonitor
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.trainer.states import RunningStage
+from lightning.pytorch.utilities import rank_zero_only
+from tokenizers import Tokenizer
+
+
+def generate_text(
+    net: torch.nn.Module,
+    tokenizer: Tokenizer,
+    prompt: str,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int = 0,
+    device: torch.device | str = "cpu",
+) -> str:
+    """Continue ``prompt`` with ``net`` and return prompt + continuation as text."""
+    ids = tokenizer.encode(prompt, add_special_tokens=False).ids
+    if not ids:
+        raise ValueError("the prompt encodes to no tokens; give a non-empty prompt")
+    idx = torch.tensor([ids], dtype=torch.long, device=device)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    out = net.generate(
+        idx, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator
+    )
+    return tokenizer.decode(out[0].tolist(), skip_special_tokens=False)
+
+
+class TextSamples(L.Callback):
+    """Logs a sample continuation of a fixed prompt to TensorBoard after each validation."""
+
+    def __init__(
+        self,
+        prompt: str = "\n",
+        max_new_tokens: int = 128,
+        temperature: float = 0.8,
+        top_k: int | None = 50,
+        seed: int = 0,
+    ) -> None:
+        self.prompt = prompt
+        self.max_new_tokens = max_new_tokens
+        self.temperature = temperature
+        self.top_k = top_k
+        self.seed = seed
+        self.last_sample: str | None = None
+
+    @rank_zero_only
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking or pl_module.tokenizer_json is None:
+            return
+        tokenizer = Tokenizer.from_str(pl_module.tokenizer_json)
+        self.last_sample = generate_text(
+            pl_module.net,
+            tokenizer,
+            self.prompt,
+            self.max_new_tokens,
+            temperature=self.temperature,
+            top_k=self.top_k,
+            seed=self.seed,
+            device=pl_module.device,
+        )
+        for logger in trainer.loggers:
+            if isinstance(logger, TensorBoardLogger):
+                # Markdown code block keeps whitespace and newlines intact in the Text tab.
+                text = "```\n" + self.last_sample.replace("```", "ʼʼʼ") + "\n```"
+                logger.experiment.add_text("samples", text, global_step=trainer.global_step)
+
+
+class LMThroughputMonitor(ThroughputMonitor):
+    """Lightning's ``ThroughputMonitor`` for ``(inputs, targets)`` token batches.
+
+    Logs batches, samples and tokens ("items") per second, and FLOPs/MFU from the
+    model's ``flops_per_token``. ``peak_flops`` (FLOP/s of one device) overrides
+    Lightning's lookup table, which does not know every device (nor any CPU).
+    """
+
+    def __init__(self, window_size: int = 50, peak_flops: float | None = None, **kwargs: Any) -> None:
+        super().__init__(
+            batch_size_fn=_batch_size, length_fn=_batch_tokens, window_size=window_size, **kwargs
+        )
+        self.peak_flops = peak_flops
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if self.peak_flops:
+            self.available_flops = self.peak_flops
+            for throughput in self._throughputs.values():
+                throughput.available_flops = self.peak_flops
+
+    def training_rates(self) -> dict[str, float]:
+        """Latest training rates on rank 0 (tokens/s is ``items_per_sec``); empty before any."""
+        throughput = self._throughputs.get(RunningStage.TRAINING)
+        return throughput.compute() if throughput is not None else {}
+
+
+def _batch_size(batch: tuple[torch.Tensor, torch.Tensor]) -> int:
+    return batch[0].size(0)
+
+
+def _batch_tokens(batch: tuple[torch.Tensor, torch.Tensor]) -> int:
+    return batch[0].numel()

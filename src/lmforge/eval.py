@@ -1,0 +1,46 @@
+"""Evaluate a checkpoint: ``lmforge eval ckpt_path=<file>`` prints val/test loss and perplexity."""
+
+from __future__ import annotations
+
+import hydra
+import lightning as L
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from rich.console import Console
+from rich.table import Table
+
+from lmforge.checkpoint import load_module, resolve_checkpoint
+from lmforge.config import CONFIG_DIR, apply_extras, build_datamodule
+
+
+def evaluate(cfg: DictConfig) -> dict[str, float]:
+    """Loss and perplexity of the checkpoint on the requested splits."""
+    apply_extras(cfg)
+    L.seed_everything(cfg.seed, workers=True)
+    module = load_module(resolve_checkpoint(cfg.ckpt_path, cfg.paths.log_dir))
+    data_cfg = cfg.data if cfg.get("data") else OmegaConf.create(module.data_config)
+    # Whatever the corpus, it is tokenized with the checkpoint's own tokenizer.
+    datamodule = build_datamodule(data_cfg, tokenizer_json=module.tokenizer_json)
+    trainer: L.Trainer = instantiate(cfg.trainer, logger=False, enable_checkpointing=False)
+    metrics: dict[str, float] = {}
+    for split in cfg.splits:
+        run = trainer.validate if split == "val" else trainer.test
+        results = run(module, datamodule=datamodule, verbose=False)
+        metrics.update({key: float(value) for key, value in results[0].items()})
+    if trainer.is_global_zero:
+        table = Table(title=f"lmforge eval: {cfg.ckpt_path}")
+        table.add_column("metric")
+        table.add_column("value", justify="right")
+        for key, value in sorted(metrics.items()):
+            table.add_row(key, f"{value:.4f}")
+        Console().print(table)
+    return metrics
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="eval")
+def main(cfg: DictConfig) -> None:
+    evaluate(cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,118 @@
+"""The LightningModule: a language model, its loss, its metrics and its optimizer."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+import torch
+from hydra.utils import instantiate
+from torchmetrics import MeanMetric
+
+from lmforge.loss import count_targets, next_token_loss
+from lmforge.models.base import LanguageModel
+
+
+class LMModule(L.LightningModule):
+    """Trains a :class:`~lmforge.models.base.LanguageModel` by maximum likelihood.
+
+    Args:
+        model: config of the network (a dict with ``_target_``), so that a checkpoint
+            alone rebuilds it.
+        optimizer: config of an optimizer factory called with ``model=<network>``.
+        scheduler: config of an LR-scheduler factory called with ``optimizer=<optimizer>``,
+            stepped once per optimizer step; ``None`` keeps the learning rate constant.
+        ignore_index: target id excluded from the loss.
+
+    Besides the weights, checkpoints carry the tokenizer (``tokenizer.json`` text) and
+    the data config under ``checkpoint["lmforge"]``, so that eval and generate need
+    nothing but the checkpoint.
+    """
+
+    def __init__(
+        self,
+        model: dict,
+        optimizer: dict,
+        scheduler: dict | None = None,
+        ignore_index: int = -100,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.net: LanguageModel = instantiate(model)
+        self.val_loss = MeanMetric()
+        self.test_loss = MeanMetric()
+        self.tokenizer_json: str | None = None
+        self.data_config: dict | None = None
+        self.flops_per_batch: float | None = None  # read by the throughput monitor
+        self._tokens_per_micro_batch = 0
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.net(idx)
+
+    def _loss(self, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        inputs, targets = batch
+        logits = self.net(inputs)
+        return next_token_loss(logits, targets, self.hparams.ignore_index), count_targets(
+            targets, self.hparams.ignore_index
+        )
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss, _ = self._loss(batch)
+        inputs = batch[0]
+        self._tokens_per_micro_batch = inputs.numel()
+        self.flops_per_batch = self.net.flops_per_token(inputs.size(1)) * inputs.numel()
+        self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True)
+        return loss
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        # Runs before gradient clipping, so the logged norm is the raw one. Only on
+        # logging steps: the norm costs a pass over all gradients.
+        if self.global_step % self.trainer.log_every_n_steps != 0:
+            return
+        grads = [p.grad for p in self.parameters() if p.grad is not None]
+        if grads:
+            norm = torch.nn.utils.get_total_norm(grads)
+            if hasattr(norm, "full_tensor"):  # a DTensor under FSDP2
+                norm = norm.full_tensor()
+            self.log("train/grad_norm", norm, on_step=True, on_epoch=False)
+        tokens_per_step = (
+            self._tokens_per_micro_batch * self.trainer.accumulate_grad_batches * self.trainer.world_size
+        )
+        self.log("train/tokens", float((self.global_step + 1) * tokens_per_step), on_step=True, on_epoch=False)
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        loss, count = self._loss(batch)
+        self.val_loss.update(loss, weight=count)
+
+    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        loss, count = self._loss(batch)
+        self.test_loss.update(loss, weight=count)
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_loss_and_perplexity("val", self.val_loss)
+
+    def on_test_epoch_end(self) -> None:
+        self._log_loss_and_perplexity("test", self.test_loss)
+
+    def _log_loss_and_perplexity(self, stage: str, metric: MeanMetric) -> None:
+        # The metric is a token-weighted mean synced across ranks, so perplexity is
+        # exp of the token-level mean loss, not a mean of per-batch perplexities.
+        loss = metric.compute()
+        metric.reset()
+        self.log(f"{stage}/loss", loss, prog_bar=True)
+        self.log(f"{stage}/ppl", torch.exp(loss), prog_bar=stage == "val")
+
+    def configure_optimizers(self) -> Any:
+        optimizer = instantiate(self.hparams.optimizer, model=self.net)
+        if self.hparams.scheduler is None:
+            return optimizer
+        scheduler = instantiate(self.hparams.scheduler, optimizer=optimizer)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["lmforge"] = {"tokenizer": self.tokenizer_json, "data": self.data_config}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        extras = checkpoint.get("lmforge") or {}
+        self.tokenizer_json = extras.get("tokenizer")
+        self.data_config = extras.get("data")

@@ -1,0 +1,22 @@
+"""The maximum-likelihood objective: next-token cross-entropy."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def next_token_loss(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    """Mean cross-entropy of ``targets`` (B, T) under ``logits`` (B, T, V), over non-ignored positions.
+
+    ``targets`` are the inputs shifted left by one token, so this is the negative
+    log-likelihood per token of P(w_i | w_<i).
+    """
+    return F.cross_entropy(
+        logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=ignore_index
+    )
+
+
+def count_targets(targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    """Number of target tokens that contribute to the loss."""
+    return (targets != ignore_index).sum()

@@ -1,0 +1,341 @@
+"""A decoder-only transformer (GPT) with a few switchable modern variants.
+
+Pre-norm blocks (norm -> causal self-attention -> residual, norm -> MLP ->
+residual), then a final norm and a linear head over the vocabulary. Options:
+learned or rotary (RoPE) positions, LayerNorm or RMSNorm, GELU / squared-ReLU /
+SwiGLU MLPs, per-head RMSNorm of queries and keys (QK-norm), weight tying
+between the token embedding and the head.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lmforge.models.base import LanguageModel
+
+POS_EMBEDDINGS = ("learned", "rope")
+NORMS = ("layernorm", "rmsnorm")
+MLPS = ("gelu", "swiglu", "relu2")
+
+
+def make_norm(kind: str, dim: int, bias: bool) -> nn.Module:
+    """A LayerNorm (with a bias if ``bias``) or an RMSNorm over the last ``dim`` features."""
+    if kind == "layernorm":
+        return nn.LayerNorm(dim, bias=bias)
+    return nn.RMSNorm(dim, eps=1e-6)
+
+
+def rope_tables(head_dim: int, max_len: int, base: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of the rotary angles, each (max_len, head_dim // 2).
+
+    Feature pair i of position t is rotated by t * base ** (-2i / head_dim).
+    """
+    inv_freq = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+    angles = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate the feature pairs (x[..., i], x[..., i + d/2]) of x (B, H, T, d) by the angles of cos, sin (T, d/2)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+
+
+@dataclass
+class KVCache:
+    """GPT generation state: per-layer keys and values (B, n_head, block_size, head_dim), the first ``pos`` filled."""
+
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+    pos: int = 0
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head self-attention where each position attends to itself and the positions before it."""
+
+    def __init__(self, n_embd: int, n_head: int, dropout: float, bias: bool, qk_norm: bool):
+        super().__init__()
+        self.n_head = n_head
+        self.head_dim = n_embd // n_head
+        self.dropout = dropout
+        self.c_attn = nn.Linear(n_embd, 3 * n_embd, bias=bias)  # queries, keys and values together
+        self.c_proj = nn.Linear(n_embd, n_embd, bias=bias)
+        self.resid_dropout = nn.Dropout(dropout)
+        self.q_norm = nn.RMSNorm(self.head_dim, eps=1e-6) if qk_norm else None
+        self.k_norm = nn.RMSNorm(self.head_dim, eps=1e-6) if qk_norm else None
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor] | None,
+        kv_cache: tuple[torch.Tensor, torch.Tensor] | None,
+        pos: int,
+    ) -> torch.Tensor:
+        """Attend over x (B, T, C), whose first token is at position ``pos``.
+
+        Without a cache, x is the whole sequence (``pos`` is 0). With one, the new
+        keys and values are written into the cache at ``pos`` and the queries
+        attend to everything cached so far.
+        """
+        B, T, C = x.shape
+        q, k, v = (
+            t.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, n_head, T, head_dim)
+            for t in self.c_attn(x).split(C, dim=2)
+        )
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+
+        dropout_p = self.dropout if self.training else 0.0
+        if kv_cache is None:
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+        else:
+            keys, values = kv_cache
+            keys[:, :, pos : pos + T] = k
+            values[:, :, pos : pos + T] = v
+            k, v = keys[:, :, : pos + T], values[:, :, : pos + T]
+            # A single new token may see the whole cache. A block of T new tokens
+            # needs a causal mask shifted right by the pos cached tokens:
+            # new token i sees keys 0 .. pos + i.
+            mask = None
+            if T > 1:
+                mask = torch.ones(T, pos + T, dtype=torch.bool, device=x.device).tril(diagonal=pos)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    """Position-wise feed-forward network.
+
+    "gelu" and "relu2" (relu(x)^2) use a hidden size of 4 * n_embd, i.e. two
+    n_embd x 4n_embd matrices. "swiglu" computes silu(x W_gate) * (x W_up) W_down
+    with three matrices, so its hidden size is 8/3 * n_embd (rounded up to a
+    multiple of 8) to keep about the same parameter count and FLOPs.
+    """
+
+    def __init__(self, n_embd: int, kind: str, dropout: float, bias: bool):
+        super().__init__()
+        self.kind = kind
+        if kind == "swiglu":
+            hidden = 8 * math.ceil(n_embd / 3)  # 8/3 * n_embd, rounded up to a multiple of 8
+            self.c_fc = nn.Linear(n_embd, 2 * hidden, bias=bias)  # gate and up projections together
+        else:
+            hidden = 4 * n_embd
+            self.c_fc = nn.Linear(n_embd, hidden, bias=bias)
+        self.c_proj = nn.Linear(hidden, n_embd, bias=bias)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Transform each position of x (B, T, C) independently."""
+        h = self.c_fc(x)
+        if self.kind == "gelu":
+            h = F.gelu(h)
+        elif self.kind == "relu2":
+            h = F.relu(h).square()
+        else:
+            gate, up = h.chunk(2, dim=-1)
+            h = F.silu(gate) * up
+        return self.dropout(self.c_proj(h))
+
+
+class Block(nn.Module):
+    """One pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(
+        self, n_embd: int, n_head: int, dropout: float, bias: bool, norm: str, mlp: str, qk_norm: bool
+    ):
+        super().__init__()
+        self.norm_1 = make_norm(norm, n_embd, bias)
+        self.attn = CausalSelfAttention(n_embd, n_head, dropout, bias, qk_norm)
+        self.norm_2 = make_norm(norm, n_embd, bias)
+        self.mlp = MLP(n_embd, mlp, dropout, bias)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor] | None,
+        kv_cache: tuple[torch.Tensor, torch.Tensor] | None,
+        pos: int,
+    ) -> torch.Tensor:
+        """Apply the block to x (B, T, C); see ``CausalSelfAttention.forward`` for the other arguments."""
+        x = x + self.attn(self.norm_1(x), rope, kv_cache, pos)
+        return x + self.mlp(self.norm_2(x))
+
+
+class GPT(LanguageModel):
+    """Decoder-only transformer language model with a context of ``block_size`` tokens.
+
+    ``pos_embedding`` is "learned" or "rope" (rotary, base ``rope_base``), ``norm``
+    "layernorm" or "rmsnorm", ``mlp`` "gelu", "swiglu" or "relu2"; ``qk_norm``
+    RMS-normalises each head's queries and keys; ``bias`` adds biases to the
+    linear layers and LayerNorms; ``tie_weights`` shares the token embedding with
+    the output head; ``zero_init_proj`` zero-initialises the residual projections.
+    """
+
+    def __init__(
+        self,
+        vocab_size: int,
+        block_size: int = 256,
+        n_layer: int = 6,
+        n_head: int = 6,
+        n_embd: int = 384,
+        dropout: float = 0.0,
+        bias: bool = False,
+        pos_embedding: str = "learned",
+        norm: str = "layernorm",
+        mlp: str = "gelu",
+        qk_norm: bool = False,
+        tie_weights: bool = True,
+        zero_init_proj: bool = False,
+        rope_base: float = 10000.0,
+    ):
+        super().__init__()
+        sizes = {
+            "vocab_size": vocab_size, "block_size": block_size, "n_layer": n_layer, "n_head": n_head, "n_embd": n_embd
+        }
+        for name, value in sizes.items():
+            if value < 1:
+                raise ValueError(f"{name} must be >= 1 (got {value})")
+        if n_embd % n_head != 0:
+            fitting_head = max(h for h in range(1, n_head + 1) if n_embd % h == 0)
+            raise ValueError(
+                f"n_embd ({n_embd}) must be divisible by n_head ({n_head}); "
+                f"pick e.g. n_embd={math.ceil(n_embd / n_head) * n_head} or n_head={fitting_head}"
+            )
+        if not 0 <= dropout < 1:
+            raise ValueError(f"dropout must be in [0, 1) (got {dropout}); use e.g. 0.0 or 0.1")
+        choices = {"pos_embedding": (pos_embedding, POS_EMBEDDINGS), "norm": (norm, NORMS), "mlp": (mlp, MLPS)}
+        for name, (value, allowed) in choices.items():
+            if value not in allowed:
+                raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))} (got {value!r})")
+        head_dim = n_embd // n_head
+        if pos_embedding == "rope" and head_dim % 2 != 0:
+            raise ValueError(
+                f"pos_embedding='rope' needs an even head size, but n_embd / n_head = {head_dim}; "
+                "choose n_embd and n_head so that n_embd // n_head is even"
+            )
+        if not rope_base > 0:
+            raise ValueError(f"rope_base must be > 0 (got {rope_base}); the usual value is 10000.0")
+
+        self.vocab_size = vocab_size
+        self.block_size = block_size
+        self.n_layer = n_layer
+        self.n_head = n_head
+        self.n_embd = n_embd
+        self.pos_embedding = pos_embedding
+
+        self.wte = nn.Embedding(vocab_size, n_embd)
+        self.wpe = nn.Embedding(block_size, n_embd) if pos_embedding == "learned" else None
+        if pos_embedding == "rope":
+            cos, sin = rope_tables(head_dim, block_size, rope_base)
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
+        self.drop = nn.Dropout(dropout)
+        self.blocks = nn.ModuleList(
+            Block(n_embd, n_head, dropout, bias, norm, mlp, qk_norm) for _ in range(n_layer)
+        )
+        self.norm_f = make_norm(norm, n_embd, bias)
+        self.lm_head = nn.Linear(n_embd, vocab_size, bias=False)
+        if tie_weights:
+            self.lm_head.weight = self.wte.weight
+
+        # GPT-2 initialisation; the projections that write into the residual
+        # stream are scaled down with depth (or zeroed, so each block starts as
+        # the identity).
+        self.apply(self._init_weights)
+        for name, param in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                if zero_init_proj:
+                    nn.init.zeros_(param)
+                else:
+                    nn.init.normal_(param, mean=0.0, std=0.02 / math.sqrt(2 * n_layer))
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    @property
+    def context_limit(self) -> int:
+        """The model attends to at most ``block_size`` tokens."""
+        return self.block_size
+
+    def position_parameters(self) -> list[nn.Parameter]:
+        """The learned position table, if positions are learned."""
+        return [] if self.wpe is None else [self.wpe.weight]
+
+    def no_weight_decay_param_names(self) -> set[str]:
+        """The learned position table ("wpe.weight") is not decayed."""
+        return set() if self.wpe is None else {"wpe.weight"}
+
+    def flops_per_token(self, seq_len: int | None = None) -> float:
+        """6 * N plus attention's 12 * n_layer * n_embd * seq_len (seq_len defaults to block_size)."""
+        seq_len = self.block_size if seq_len is None else seq_len
+        return super().flops_per_token() + 12.0 * self.n_layer * self.n_embd * seq_len
+
+    def _logits(self, idx: torch.Tensor, pos: int, cache: KVCache | None) -> torch.Tensor:
+        """Run tokens idx (B, T) starting at position ``pos`` through the network, reading/writing ``cache``."""
+        T = idx.size(1)
+        x = self.wte(idx)
+        if self.wpe is not None:
+            x = x + self.wpe(torch.arange(pos, pos + T, device=idx.device))
+        rope = None
+        if self.pos_embedding == "rope":
+            rope = (self.rope_cos[pos : pos + T], self.rope_sin[pos : pos + T])
+        x = self.drop(x)
+        for i, block in enumerate(self.blocks):
+            kv = None if cache is None else (cache.keys[i], cache.values[i])
+            x = block(x, rope, kv, pos)
+        return self.lm_head(self.norm_f(x))
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        """Logits (B, T, V) for token ids ``idx`` (B, T), T <= block_size."""
+        T = idx.size(1)
+        if T > self.block_size:
+            raise ValueError(
+                f"sequence length T={T} exceeds block_size={self.block_size}; "
+                "crop the input to the last block_size tokens or build the model with a larger block_size"
+            )
+        return self._logits(idx, 0, None)
+
+    def init_state(self, batch_size: int, device: torch.device | str) -> KVCache:
+        """An empty KV cache with room for ``block_size`` tokens.
+
+        It is stored in the autocast dtype when autocast is on for ``device``,
+        otherwise in the model's dtype.
+        """
+        device = torch.device(device)
+        if torch.is_autocast_enabled(device.type):
+            dtype = torch.get_autocast_dtype(device.type)
+        else:
+            dtype = self.wte.weight.dtype
+        shape = (batch_size, self.n_head, self.block_size, self.n_embd // self.n_head)
+        return KVCache(
+            keys=[torch.empty(shape, dtype=dtype, device=device) for _ in self.blocks],
+            values=[torch.empty(shape, dtype=dtype, device=device) for _ in self.blocks],
+        )
+
+    def forward_step(self, idx: torch.Tensor, state: KVCache) -> tuple[torch.Tensor, KVCache]:
+        """Logits (B, T_new, V) for ``idx`` (B, T_new) following the cached tokens; updates ``state`` in place."""
+        T = idx.size(1)
+        if state.pos + T > self.block_size:
+            raise ValueError(
+                f"the KV cache holds {state.pos} tokens and cannot take {T} more (block_size={self.block_size}); "
+                "start a fresh state with init_state() on a shorter context"
+            )
+        logits = self._logits(idx, state.pos, state)
+        state.pos += T
+        return logits, state

@@ -1,0 +1,96 @@
+"""Optimizers and learning-rate schedules shared by the Trainer and the Fabric loops.
+
+Both are built from Hydra configs with the network passed in at call time:
+``instantiate(cfg.optimizer, model=net)`` and ``instantiate(cfg.scheduler, optimizer=opt)``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from lmforge.models.base import LanguageModel
+
+
+def _check_positive(name: str, value: float) -> None:
+    if not value > 0:
+        raise ValueError(f"{name}={value} must be > 0; set e.g. {name}=1e-3")
+
+
+def weight_decay_groups(model: LanguageModel, weight_decay: float) -> list[dict]:
+    """Split parameters into a decayed group (matrices) and a non-decayed one.
+
+    Matrices (``ndim >= 2``) are decayed, except those the model lists in
+    ``no_weight_decay_param_names()`` (e.g. a learned position table); biases,
+    norm gains and other vectors are not.
+    """
+    excluded = model.no_weight_decay_param_names()
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        (decay if param.ndim >= 2 and name not in excluded else no_decay).append(param)
+    return [
+        {"name": "decay", "params": decay, "weight_decay": weight_decay},
+        {"name": "no_decay", "params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def adamw(
+    model: nn.Module,
+    lr: float = 1e-3,
+    weight_decay: float = 0.1,
+    betas: tuple[float, float] = (0.9, 0.95),
+    eps: float = 1e-8,
+    fused: bool | None = None,
+) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices only."""
+    _check_positive("optimizer.lr", lr)
+    if weight_decay < 0:
+        raise ValueError(f"optimizer.weight_decay={weight_decay} must be >= 0")
+    return torch.optim.AdamW(
+        weight_decay_groups(model, weight_decay), lr=lr, betas=tuple(betas), eps=eps, fused=fused
+    )
+
+
+def warmup_cosine(
+    optimizer: torch.optim.Optimizer,
+    max_steps: int,
+    warmup_steps: int = 0,
+    min_lr: float = 0.0,
+    decay: str = "cosine",
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warmup for ``warmup_steps`` optimizer steps, then cosine decay to ``min_lr``.
+
+    ``decay="constant"`` keeps the learning rate flat after warmup. ``min_lr`` is
+    relative to the optimizer's default ``lr``; every parameter group is scaled by
+    the same factor, so groups with their own learning rate decay proportionally.
+    The scheduler must be stepped once per optimizer step.
+    """
+    if max_steps is None or max_steps <= 0:
+        raise ValueError(f"trainer.max_steps={max_steps} must be > 0 for an LR schedule; set e.g. trainer.max_steps=2000")
+    if warmup_steps < 0:
+        raise ValueError(f"scheduler.warmup_steps={warmup_steps} must be >= 0")
+    if warmup_steps > max_steps:
+        raise ValueError(
+            f"scheduler.warmup_steps={warmup_steps} is larger than trainer.max_steps={max_steps}; "
+            "lower the warmup or train longer"
+        )
+    if decay not in ("cosine", "constant"):
+        raise ValueError(f"scheduler.decay={decay!r} is unknown; use 'cosine' or 'constant'")
+    base_lr = optimizer.defaults["lr"]
+    if not 0 <= min_lr <= base_lr:
+        raise ValueError(f"scheduler.min_lr={min_lr} must be between 0 and the optimizer lr ({base_lr})")
+    floor = min_lr / base_lr
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / (warmup_steps + 1)
+        if decay == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
+        return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)

@@ -1,0 +1,123 @@
+"""End-to-end training: fast dev runs, overfitting, resume, TensorBoard, and the CLI."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import pytest
+import torch
+
+from lmforge.train import train
+
+from conftest import compose_config, run_cli, tiny_train_overrides
+
+
+def read_csv_metric(run_dir: Path, key: str) -> dict[int, float]:
+    """step -> value of ``key`` from the CSV logger of a run."""
+    values = {}
+    with open(run_dir / "csv" / "metrics.csv") as handle:
+        for row in csv.DictReader(handle):
+            if row.get(key):
+                values[int(row["step"])] = float(row[key])
+    return values
+
+
+@pytest.mark.parametrize("model", ["gpt", "lstm"])
+def test_fast_dev_run(model, tmp_path, corpus_dir):
+    cfg = compose_config("train", tiny_train_overrides(corpus_dir, model, "debug=fdr"), tmp_path)
+    metrics = train(cfg)
+    assert torch.isfinite(torch.tensor(metrics["train/loss"]))
+
+
+@pytest.mark.parametrize("model", ["gpt", "lstm"])
+def test_overfit_drives_loss_down(model, tmp_path, corpus_dir):
+    overrides = tiny_train_overrides(
+        corpus_dir, model, "debug=overfit", "logger=csv", "trainer.log_every_n_steps=1", "trainer.max_steps=100",
+        "optimizer.lr=3e-3", "model.n_embd=64",
+    )
+    if model == "lstm":
+        overrides += ["model.hidden_size=64", "model.dropout=0.0", "optimizer.lr=1e-2"]
+    cfg = compose_config("train", overrides, tmp_path)
+    train(cfg)
+    losses = read_csv_metric(tmp_path / "run", "train/loss")
+    first, last = losses[min(losses)], losses[max(losses)]
+    assert last < 0.4 * first, (first, last)
+
+
+def test_resume_continues_exactly(tmp_path, corpus_dir):
+    """A run resumed from its step-6 checkpoint matches the uninterrupted run step by step."""
+    common = [
+        "logger=csv", "trainer.log_every_n_steps=1", "trainer.max_steps=12",
+        "callbacks.periodic_checkpoint.every_n_train_steps=6", "callbacks.periodic_checkpoint.save_top_k=-1",
+        "test=false",
+    ]
+    full_dir, resumed_dir = tmp_path / "full", tmp_path / "resumed"
+    train(compose_config("train", tiny_train_overrides(corpus_dir, "gpt", *common), full_dir))
+    step6 = full_dir / "run" / "checkpoints" / "periodic-step000006.ckpt"
+    assert step6.exists()
+    train(compose_config("train", tiny_train_overrides(corpus_dir, "gpt", *common, f"ckpt_path={step6}"), resumed_dir))
+
+    full = read_csv_metric(full_dir / "run", "train/loss")
+    resumed = read_csv_metric(resumed_dir / "run", "train/loss")
+    assert sorted(resumed) == list(range(6, 12))
+    for step in range(6, 12):
+        assert resumed[step] == pytest.approx(full[step], abs=1e-6), step
+    lr_full = read_csv_metric(full_dir / "run", "lr-AdamW/decay")
+    lr_resumed = read_csv_metric(resumed_dir / "run", "lr-AdamW/decay")
+    for step in lr_resumed:
+        assert lr_resumed[step] == pytest.approx(lr_full[step])
+
+    weights_full = torch.load(full_dir / "run" / "checkpoints" / "last.ckpt", weights_only=True)
+    weights_resumed = torch.load(resumed_dir / "run" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert weights_resumed["global_step"] == weights_full["global_step"] == 12
+    for name, tensor in weights_full["state_dict"].items():
+        torch.testing.assert_close(weights_resumed["state_dict"][name], tensor, rtol=0, atol=1e-6)
+
+
+def test_tensorboard_events_hold_scalars_and_samples(tmp_path, corpus_dir):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg = compose_config("train", tiny_train_overrides(corpus_dir, "gpt"), tmp_path)
+    train(cfg)
+    accumulator = EventAccumulator(str(tmp_path / "run" / "tensorboard"), size_guidance={"tensors": 0})
+    accumulator.Reload()
+    scalars = set(accumulator.Tags()["scalars"])
+    expected = {
+        "train/loss", "val/loss", "val/ppl", "test/loss", "test/ppl",
+        "train/grad_norm", "train/tokens", "lr-AdamW/decay", "train/device/items_per_sec",
+    }
+    assert expected <= scalars, expected - scalars
+    val_loss = accumulator.Scalars("val/loss")[-1].value
+    val_ppl = accumulator.Scalars("val/ppl")[-1].value
+    assert val_ppl == pytest.approx(torch.tensor(val_loss).exp().item(), rel=1e-4)
+    assert "samples/text_summary" in accumulator.Tags()["tensors"]
+    sample = accumulator.Tensors("samples/text_summary")[-1].tensor_proto.string_val[0].decode()
+    assert sample.strip()
+
+
+@pytest.mark.slow
+def test_cli_train_eval_generate(tmp_path, corpus_dir):
+    paths = [f"paths.log_dir={tmp_path}/logs", f"paths.data_dir={tmp_path}/data"]
+    trained = run_cli("train", *tiny_train_overrides(corpus_dir, "gpt"), *paths, "sample.prompt=def")
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    assert "val/loss" in trained.stdout and "sample" in trained.stdout
+    runs = list((tmp_path / "logs" / "train" / "runs").iterdir())
+    assert len(runs) == 1
+    checkpoints = runs[0] / "checkpoints"
+    assert (checkpoints / "last.ckpt").exists()
+    best = [p for p in checkpoints.glob("step*.ckpt")]
+    assert best, list(checkpoints.iterdir())
+    assert list((runs[0] / "tensorboard").glob("events.out.tfevents.*"))
+
+    evaluated = run_cli("eval", f"ckpt_path={best[0]}", "trainer.accelerator=cpu", *paths)
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    assert "val/ppl" in evaluated.stdout and "test/loss" in evaluated.stdout
+
+    generated = run_cli(
+        "generate", "ckpt_path=last", 'prompt="def "', "max_new_tokens=20", "seed=3", *paths
+    )
+    assert generated.returncode == 0, generated.stderr[-3000:]
+    assert generated.stdout.startswith("def ")
+    again = run_cli("generate", "ckpt_path=last", 'prompt="def "', "max_new_tokens=20", "seed=3", *paths)
+    assert again.stdout == generated.stdout
