@@ -18,8 +18,8 @@ def print_run_summary(
 ) -> None:
     """Print final losses, perplexities, throughput, where the outputs are, and a sample."""
     table = Table(title="lmforge run summary", show_header=False)
-    table.add_column(style="bold")
-    table.add_column()
+    table.add_column(style="bold", no_wrap=True)
+    table.add_column(overflow="fold")
     for key in ("val/loss", "val/ppl", "test/loss", "test/ppl"):
         if key in metrics:
             table.add_row(key, f"{metrics[key]:.4f}")
@@ -31,7 +31,7 @@ def print_run_summary(
         table.add_row("last checkpoint", last_checkpoint)
     if tensorboard_dir:
         logs = Path(tensorboard_dir)
-        table.add_row("tensorboard", f"tensorboard --logdir {logs} --host 127.0.0.1  (or: make tensorboard)")
+        table.add_row("tensorboard logs", f"{logs}  (view: make tensorboard)")
     console = Console()
     console.print(table)
     if sample is not None:

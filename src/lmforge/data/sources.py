@@ -114,14 +114,18 @@ class _FileListSource(CorpusSource):
 class StdlibSource(_FileListSource):
     """The ``.py`` files of the running interpreter's standard library (always available offline).
 
-    Test suites (``test``/``tests``/``idle_test`` directories), ``site-packages`` and caches are
+    Test suites (``test``/``tests``/``idle_test`` directories), the generated codec tables in
+    ``encodings``, ``site-packages`` and caches are
     excluded. Files are visited in the order of the SHA-256 of their relative path (a fixed
     pseudo-random order, so the selection mixes all modules) and each is taken if it still fits
     in ``max_bytes``; the selected files are then yielded sorted by relative path.
     """
 
     name = "stdlib"
-    EXCLUDED_DIRS = frozenset({"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"})
+    # ``encodings`` holds generated codec tables (hex literals), which teach a model little.
+    EXCLUDED_DIRS = frozenset(
+        {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__", "encodings"}
+    )
 
     def __init__(self, max_bytes: int = 8_000_000) -> None:
         if max_bytes < 1:
