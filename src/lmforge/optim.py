@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from lmforge.models.base import LanguageModel
+from lmforge.muon import Muon
 
 
 def _check_positive(name: str, value: float) -> None:
@@ -19,17 +20,17 @@ def _check_positive(name: str, value: float) -> None:
         raise ValueError(f"{name}={value} must be > 0; set e.g. {name}=1e-3")
 
 
-def weight_decay_groups(model: LanguageModel, weight_decay: float) -> list[dict]:
+def weight_decay_groups(model: LanguageModel, weight_decay: float, exclude: set[str] = frozenset()) -> list[dict]:
     """Split parameters into a decayed group (matrices) and a non-decayed one.
 
     Matrices (``ndim >= 2``) are decayed, except those the model lists in
     ``no_weight_decay_param_names()`` (e.g. a learned position table); biases,
-    norm gains and other vectors are not.
+    norm gains and other vectors are not. Parameters named in ``exclude`` are left out.
     """
     excluded = model.no_weight_decay_param_names()
     decay, no_decay = [], []
     for name, param in model.named_parameters():
-        if not param.requires_grad:
+        if not param.requires_grad or name in exclude:
             continue
         (decay if param.ndim >= 2 and name not in excluded else no_decay).append(param)
     return [
@@ -52,6 +53,41 @@ def adamw(
         raise ValueError(f"optimizer.weight_decay={weight_decay} must be >= 0")
     return torch.optim.AdamW(
         weight_decay_groups(model, weight_decay), lr=lr, betas=tuple(betas), eps=eps, fused=fused
+    )
+
+
+def muon(
+    model: LanguageModel,
+    lr: float = 0.02,
+    momentum: float = 0.95,
+    nesterov: bool = True,
+    ns_steps: int = 5,
+    ns_dtype: str = "float32",
+    muon_weight_decay: float = 0.0,
+    adamw_lr: float = 1e-3,
+    weight_decay: float = 0.1,
+    betas: tuple[float, float] = (0.9, 0.95),
+    eps: float = 1e-8,
+) -> Muon:
+    """Muon (``lr``, ``momentum``) on the hidden matrices, AdamW (``adamw_lr``) on the rest.
+
+    The optimizer's base learning rate is ``adamw_lr``: a scheduler's ``min_lr`` is relative
+    to it, and the Muon group decays by the same factor.
+    """
+    _check_positive("optimizer.lr", lr)
+    _check_positive("optimizer.adamw_lr", adamw_lr)
+    hidden = model.hidden_matrix_names()
+    if not hidden:
+        raise ValueError(f"{type(model).__name__} has no hidden matrices for Muon; use optimizer=adamw")
+    named = dict(model.named_parameters())
+    muon_group = {
+        "name": "muon", "params": [named[n] for n in sorted(hidden)], "use_muon": True,
+        "lr": lr, "weight_decay": muon_weight_decay,
+    }
+    rest = [g for g in weight_decay_groups(model, weight_decay, exclude=hidden) if g["params"]]
+    return Muon(
+        [muon_group, *rest], lr=adamw_lr, betas=tuple(betas), eps=eps, momentum=momentum,
+        nesterov=nesterov, ns_steps=ns_steps, ns_dtype=ns_dtype,
     )
 
 

@@ -67,6 +67,10 @@ class LanguageModel(nn.Module, ABC):
         """Names of matrices (``ndim >= 2``) in ``named_parameters()`` that must not be weight-decayed."""
         return set()
 
+    def hidden_matrix_names(self) -> set[str]:
+        """Names of the hidden weight matrices (not embeddings or head): what Muon optimizes."""
+        return set()
+
     @torch.no_grad()
     def generate(
         self,

@@ -281,6 +281,10 @@ class GPT(LanguageModel):
         """The learned position table ("wpe.weight") is not decayed."""
         return set() if self.wpe is None else {"wpe.weight"}
 
+    def hidden_matrix_names(self) -> set[str]:
+        """The 2-D weights inside the transformer blocks."""
+        return {name for name, p in self.blocks.named_parameters(prefix="blocks") if p.ndim == 2}
+
     def flops_per_token(self, seq_len: int | None = None) -> float:
         """6 * N plus attention's 12 * n_layer * n_embd * seq_len (seq_len defaults to block_size)."""
         seq_len = self.block_size if seq_len is None else seq_len
