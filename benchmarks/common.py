@@ -1,0 +1,78 @@
+"""Shared helpers of the benchmark scripts: machine facts, the matmul peak, timing, results."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+SHARED_SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare" / "input.txt"
+
+
+def machine() -> dict:
+    """What the figures were measured on."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import lightning
+    import tokenizers
+
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "lightning": lightning.__version__,
+        "tokenizers": tokenizers.__version__,
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+    }
+
+
+def matmul_peak_flops(size: int = 2048, repeats: int = 5, device: str = "cpu", dtype=torch.float32) -> float:
+    """Best observed FLOP/s of a square matmul: the ceiling used for MFU."""
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    a @ b  # warm-up
+    best = float("inf")
+    for _ in range(repeats):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        a @ b
+        if device == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best
+
+
+def median_window_seconds(step_times: list[float], warmup: int, window: int) -> float:
+    """Median over consecutive windows of the mean step time, after dropping ``warmup`` steps."""
+    times = step_times[warmup:]
+    windows = [statistics.fmean(times[i : i + window]) for i in range(0, len(times) - window + 1, window)]
+    return statistics.median(windows or times)
+
+
+def write_results(name: str, payload: dict, markdown: str) -> None:
+    """Save ``results/<name>.json`` and ``results/<name>.md``."""
+    RESULTS_DIR.mkdir(exist_ok=True)
+    (RESULTS_DIR / f"{name}.json").write_text(json.dumps({"machine": machine(), **payload}, indent=2))
+    (RESULTS_DIR / f"{name}.md").write_text(markdown)
+
+
+def markdown_table(headers: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,51 @@
+"""`make bench`: run every benchmark and collect their tables into benchmarks/RESULTS.md.
+
+    python benchmarks/run_all.py                 # throughput, data, startup, generate
+    python benchmarks/run_all.py --quality       # + the tiny-shakespeare time-to-target table
+    python benchmarks/run_all.py --quality --ablation
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import RESULTS_DIR, machine  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quality", action="store_true", help="also run the 2000-step quality comparison")
+    parser.add_argument("--ablation", action="store_true", help="with --quality: one run per lever")
+    parser.add_argument("--quick", action="store_true", help="short throughput runs (smoke test)")
+    args = parser.parse_args()
+    scripts = [["throughput.py", *(["--quick"] if args.quick else [])], ["data.py"], ["startup.py"], ["generate.py"]]
+    if args.quality:
+        scripts.append(["quality.py", *(["--ablation"] if args.ablation else [])])
+    for script in scripts:
+        print(f"== {' '.join(script)}", flush=True)
+        subprocess.run([sys.executable, str(HERE / script[0]), *script[1:]], check=True)
+    facts = machine()
+    header = (
+        "# Benchmark results\n\n"
+        f"Measured {facts['date']} on {facts['cpu']} ({facts['cores']} cores, GPU: {facts['gpu']}), "
+        f"Python {facts['python']}, torch {facts['torch']}, lightning {facts['lightning']}, "
+        f"tokenizers {facts['tokenizers']}. Reproduce with `make bench` "
+        "(add `ARGS=--quality` for the tiny-shakespeare table).\n\n"
+    )
+    tables = [
+        (RESULTS_DIR / f"{name}.md").read_text()
+        for name in ("throughput", "data", "startup", "generate", "quality")
+        if (RESULTS_DIR / f"{name}.md").exists()
+    ]
+    (HERE / "RESULTS.md").write_text(header + "\n".join(tables))
+    print((HERE / "RESULTS.md").read_text())
+
+
+if __name__ == "__main__":
+    main()
