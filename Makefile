@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[dev]'
 	@touch $@
 
-train: setup ## Train the default experiment (extra Hydra overrides: make train ARGS="model=lstm")
+train: setup ## Train the default experiment (extra Hydra overrides: make train ARGS="trainer.max_steps=100")
 	$(BIN)/lmforge train $(ARGS)
 
 test: setup ## Run the whole test suite

@@ -20,12 +20,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine, markdown_table, write_results  # noqa: E402
 
-from lmforge.models import GPT, LSTMLanguageModel  # noqa: E402
+from lmforge.models import GPT  # noqa: E402  # [gpt]
+from lmforge.models import LSTMLanguageModel  # noqa: E402  # [lstm]
 
+# name -> (build the model, whether it has a KV cache to compare with recomputing the context)
 MODELS = {
-    "gpt default (4x192, block 128)": lambda: GPT(4096, block_size=128, n_layer=4, n_head=4, n_embd=192),
-    "gpt 6x384, block 256": lambda: GPT(4096, block_size=256, n_layer=6, n_head=6, n_embd=384),
-    "lstm default (2x256)": lambda: LSTMLanguageModel(4096, n_embd=256, hidden_size=256, n_layer=2),
+    "gpt default (4x192, block 128)": (lambda: GPT(4096, block_size=128, n_layer=4, n_head=4, n_embd=192), True),  # [gpt]
+    "gpt 6x384, block 256": (lambda: GPT(4096, block_size=256, n_layer=6, n_head=6, n_embd=384), True),  # [gpt]
+    "lstm default (2x256)": (lambda: LSTMLanguageModel(4096, n_embd=256, hidden_size=256, n_layer=2), False),  # [lstm]
 }
 
 
@@ -47,10 +49,10 @@ def main() -> None:
     args = parser.parse_args()
     torch.manual_seed(0)
     rows, payload = [], {}
-    for name, build in MODELS.items():
+    for name, (build, has_kv_cache) in MODELS.items():
         model = build().eval()
         cached = tokens_per_second(model, args.new_tokens, True, args.repeats)
-        if isinstance(model, GPT):
+        if has_kv_cache:
             uncached = tokens_per_second(model, args.new_tokens, False, args.repeats)
             rows.append([name, f"{cached:,.0f}", f"{uncached:,.0f}", f"{cached / uncached:.1f}x"])
             payload[name] = {"cached": cached, "uncached": uncached}

@@ -3,7 +3,7 @@
 The same GPT config, batch, data and number of steps run through
   (a) a minimal PyTorch loop written here (AdamW, warmup + cosine schedule, grad clipping),
   (b) `lmforge train` (the Lightning Trainer path, default callbacks and TensorBoard logger),
-  (c) the Fabric loop (`lmforge.fabric_train`), when present.
+  (c) the Fabric loop (`lmforge fabric`).
 The paths alternate (a b c a b c ...) so that machine noise hits all of them alike; each
 figure is the median over windows of steps after warm-up. MFU is against the fp32 matmul
 peak measured by this script on this machine (or ``--peak-flops`` on GPUs).
@@ -56,7 +56,7 @@ class StepTimer(L.Callback):
         self._last: float | None = None
         StepTimer.latest = self
 
-    def on_train_batch_end(self, *args, **kwargs) -> None:
+    def on_train_batch_end(self, *args, **kwargs) -> None:  # Trainer and Fabric loop alike
         now = time.perf_counter()
         if self._last is not None:
             self.times.append(now - self._last)
@@ -75,14 +75,15 @@ def corpus_file(tmp: Path) -> Path:
     return path
 
 
-def overrides_for(name: str, corpus: Path, tmp: Path) -> list[str]:
+def overrides_for(name: str, corpus: Path, tmp: Path, fabric: bool = False) -> list[str]:
     spec = CONFIGS[name]
     model = [f"model.{key}={value}" for key, value in spec["model"].items()]
     return [
         "data=text_files", f"data.path={corpus}", "data.tokenizer=char", "data.split=contiguous",
         f"data.block_size={spec['block_size']}", f"data.batch_size={spec['batch_size']}", "data.eval_windows=8",
         *model, f"trainer.max_steps={spec['steps']}", f"trainer.val_check_interval={spec['steps'] + 1}",
-        "trainer.num_sanity_val_steps=0", "trainer.accelerator=cpu", "test=false", "extras.print_config=false",
+        *(["fabric.accelerator=cpu"] if fabric else ["trainer.num_sanity_val_steps=0", "trainer.accelerator=cpu"]),
+        "test=false", "extras.print_config=false",
         "scheduler.warmup_steps=10", "sample.max_new_tokens=1",
         f"paths.log_dir={tmp}/logs", f"paths.data_dir={tmp}/data",
     ]
@@ -171,15 +172,17 @@ def run_trainer(cfg) -> list[float]:
     return StepTimer.latest.times
 
 
-def run_fabric(cfg) -> list[float] | None:
-    """(c) The Fabric loop, if this checkout has one."""
-    try:
-        from lmforge import fabric_train
-    except ImportError:
-        return None
-    timer = StepTimer()
-    fabric_train.fit(cfg, callbacks=[timer])
-    return timer.times
+def run_fabric(cfg) -> list[float]:
+    """(c) The Fabric loop, as `lmforge fabric` runs it, plus a step timer."""
+    from omegaconf import open_dict
+
+    from lmforge.fabric_train import fit
+
+    with open_dict(cfg):
+        cfg.callbacks.step_timer = {"_target_": "__main__.StepTimer"}
+        cfg.trainer.checkpoint_every_n_steps = cfg.trainer.max_steps
+    fit(cfg)
+    return StepTimer.latest.times
 
 
 def main() -> None:
@@ -201,7 +204,6 @@ def main() -> None:
         for name in args.configs:
             spec = CONFIGS[name]
             step_times: dict[str, list[float]] = {"plain": [], "trainer": [], "fabric": []}
-            fabric_available = True
             flops_per_step = None
             for _ in range(args.repeats):
                 cfg = compose(overrides_for(name, corpus, tmp))
@@ -210,12 +212,8 @@ def main() -> None:
                 cfg = compose(overrides_for(name, corpus, tmp))
                 times = run_trainer(cfg)
                 step_times["trainer"].append(median_window_seconds(times, spec["warmup"], spec["window"]))
-                if fabric_available:
-                    times = run_fabric(compose(overrides_for(name, corpus, tmp), "fabric")) if _has_fabric() else None
-                    if times is None:
-                        fabric_available = False
-                    else:
-                        step_times["fabric"].append(median_window_seconds(times, spec["warmup"], spec["window"]))
+                times = run_fabric(compose(overrides_for(name, corpus, tmp, fabric=True), "fabric"))
+                step_times["fabric"].append(median_window_seconds(times, spec["warmup"], spec["window"]))
                 if flops_per_step is None:
                     from hydra.utils import instantiate
 
@@ -251,15 +249,6 @@ def main() -> None:
     )
     print(text)
     write_results("throughput", payload, text)
-
-
-def _has_fabric() -> bool:
-    import importlib.util
-
-    from lmforge.config import CONFIG_DIR
-
-    module = importlib.util.find_spec("lmforge.fabric_train") is not None
-    return module and (Path(CONFIG_DIR) / "fabric.yaml").exists()
 
 
 if __name__ == "__main__":

@@ -18,10 +18,13 @@ from lmforge.config import CONFIG_DIR
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 # A tiny model and run that every end-to-end test can afford on 2 CPU cores.
+# Marker comments name the part of the template a line needs (docs/cookiecutter.md).  # [template]
 TINY_MODEL = {
-    "gpt": ["model=gpt", "model.n_layer=1", "model.n_head=2", "model.n_embd=32"],
-    "lstm": ["model=lstm", "model.n_layer=1", "model.n_embd=32", "model.hidden_size=32"],
+    "gpt": ["model=gpt", "model.n_layer=1", "model.n_head=2", "model.n_embd=32"],  # [gpt]
+    "lstm": ["model=lstm", "model.n_layer=1", "model.n_embd=32", "model.hidden_size=32"],  # [lstm]
 }
+# The model of the tests that work with any model: the first one this project has.
+DEFAULT_MODEL = next(iter(TINY_MODEL))
 TINY_RUN = [
     "data.block_size=32",
     "data.batch_size=8",
@@ -83,7 +86,7 @@ def compose_config(config_name: str, overrides: list[str], tmp_path: Path) -> Di
     return cfg
 
 
-def tiny_train_overrides(corpus: Path, model: str = "gpt", *extra: str) -> list[str]:
+def tiny_train_overrides(corpus: Path, model: str = DEFAULT_MODEL, *extra: str) -> list[str]:
     """Overrides for a seconds-long training run on ``corpus``."""
     return ["data=text_files", f"data.path={corpus}", *TINY_MODEL[model], *TINY_RUN, *extra]
 

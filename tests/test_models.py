@@ -9,24 +9,37 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lmforge.models import GPT, LanguageModel, LSTMLanguageModel
+from lmforge.models import GPT  # [gpt]
+from lmforge.models import LanguageModel
+from lmforge.models import LSTMLanguageModel  # [lstm]
 from lmforge.models.sampling import sample_next_token
 
 VOCAB = 29
 
 
+# [gpt]
 def tiny_gpt(**overrides) -> GPT:
     kwargs = dict(vocab_size=VOCAB, block_size=16, n_layer=2, n_head=2, n_embd=16)
     kwargs.update(overrides)
     torch.manual_seed(0)
     return GPT(**kwargs)
+# [/gpt]
 
 
+# [lstm]
 def tiny_lstm(**overrides) -> LSTMLanguageModel:
     kwargs = dict(vocab_size=VOCAB, n_embd=16, hidden_size=24, n_layer=2, dropout=0.0)
     kwargs.update(overrides)
     torch.manual_seed(0)
     return LSTMLanguageModel(**kwargs)
+# [/lstm]
+
+
+# One factory per model, for the tests of the shared interface.
+MODEL_FACTORIES = [
+    tiny_gpt,  # [gpt]
+    tiny_lstm,  # [lstm]
+]
 
 
 def tokens(batch: int, length: int, seed: int = 1) -> torch.Tensor:
@@ -41,6 +54,7 @@ def greedy_reference(model: LanguageModel, idx: torch.Tensor, steps: int) -> tor
     return idx
 
 
+# [gpt]
 GPT_VARIANTS = list(
     itertools.product(
         ("learned", "rope"), ("layernorm", "rmsnorm"), ("gelu", "swiglu", "relu2"), (False, True), (False, True)
@@ -69,15 +83,18 @@ def test_gpt_variants_forward_shape_and_incremental_match(pos_embedding, norm, m
 
 
 def test_weight_tying_shares_the_tensor():
+    # [gpt]
     tied, untied = tiny_gpt(tie_weights=True), tiny_gpt(tie_weights=False)
     assert tied.lm_head.weight is tied.wte.weight
     assert untied.lm_head.weight is not untied.wte.weight
     assert tied.num_params() == untied.num_params() - VOCAB * 16
-
+    # [/gpt]
+    # [lstm]
     lstm = tiny_lstm(hidden_size=16, tie_weights=True)
     assert lstm.head.weight is lstm.embedding.weight
     names = [name for name, _ in lstm.named_parameters()]
     assert "embedding.weight" in names and "head.weight" not in names
+    # [/lstm]
 
 
 @pytest.mark.parametrize("pos_embedding", ["learned", "rope"])
@@ -130,8 +147,10 @@ def test_gpt_sequence_longer_than_block_size_raises():
     model.forward_step(tokens(1, 6), state)
     with pytest.raises(ValueError, match="KV cache holds 6 tokens"):
         model.forward_step(tokens(1, 3), state)
+# [/gpt]
 
 
+# [lstm]
 def test_lstm_forward_step_matches_forward():
     model = tiny_lstm().eval()
     idx = tokens(3, 10)
@@ -153,9 +172,10 @@ def test_lstm_generate_cache_matches_no_cache_and_ignores_block_size():
     assert cached.shape == (2, 15)
     assert torch.equal(cached, uncached)
     assert torch.equal(cached, greedy_reference(model.eval(), prompt, 12))
+# [/lstm]
 
 
-@pytest.mark.parametrize("make_model", [tiny_gpt, tiny_lstm])
+@pytest.mark.parametrize("make_model", MODEL_FACTORIES)
 def test_seeded_sampling_is_reproducible(make_model):
     model = make_model()
     prompt = tokens(4, 3)
@@ -167,7 +187,7 @@ def test_seeded_sampling_is_reproducible(make_model):
     assert not torch.equal(sample(123), sample(456))
 
 
-@pytest.mark.parametrize("make_model", [tiny_gpt, tiny_lstm])
+@pytest.mark.parametrize("make_model", MODEL_FACTORIES)
 def test_filters_that_keep_one_token_equal_greedy(make_model):
     model = make_model()
     prompt = tokens(3, 4)
@@ -204,7 +224,7 @@ def test_sample_next_token_filters():
     ],
 )
 def test_invalid_generation_args_raise(kwargs, message):
-    model = tiny_gpt()
+    model = MODEL_FACTORIES[0]()
     args = dict(max_new_tokens=2) | kwargs
     with pytest.raises(ValueError, match=message):
         model.generate(tokens(1, 3), **args)
@@ -215,9 +235,10 @@ def test_invalid_generation_args_raise(kwargs, message):
 
 def test_generate_rejects_empty_prompt():
     with pytest.raises(ValueError, match="time >= 1"):
-        tiny_gpt().generate(torch.zeros(1, 0, dtype=torch.long), max_new_tokens=2)
+        MODEL_FACTORIES[0]().generate(torch.zeros(1, 0, dtype=torch.long), max_new_tokens=2)
 
 
+# [gpt]
 @pytest.mark.parametrize(
     "kwargs,message",
     [
@@ -238,8 +259,10 @@ def test_generate_rejects_empty_prompt():
 def test_gpt_invalid_config_raises(kwargs, message):
     with pytest.raises(ValueError, match=message):
         tiny_gpt(**kwargs)
+# [/gpt]
 
 
+# [lstm]
 @pytest.mark.parametrize(
     "kwargs,message",
     [
@@ -252,9 +275,11 @@ def test_gpt_invalid_config_raises(kwargs, message):
 def test_lstm_invalid_config_raises(kwargs, message):
     with pytest.raises(ValueError, match=message):
         tiny_lstm(**kwargs)
+# [/lstm]
 
 
 def test_num_params_and_flops_per_token():
+    # [gpt]
     model = tiny_gpt(n_layer=3, n_embd=32, n_head=4, block_size=16)
     total = sum(p.numel() for p in model.parameters())
     assert model.num_params(non_embedding=False) == total
@@ -265,12 +290,15 @@ def test_num_params_and_flops_per_token():
 
     rope = tiny_gpt(pos_embedding="rope")
     assert rope.num_params() == rope.num_params(non_embedding=False)
-
+    # [/gpt]
+    # [lstm]
     lstm = tiny_lstm()
     assert lstm.num_params() == sum(p.numel() for p in lstm.parameters())
     assert lstm.flops_per_token() == 6 * lstm.num_params()
+    # [/lstm]
 
 
+# [gpt]
 def test_swiglu_mlp_has_about_the_gelu_parameter_count():
     gelu = tiny_gpt(n_embd=96, n_head=2, mlp="gelu")
     swiglu = tiny_gpt(n_embd=96, n_head=2, mlp="swiglu")
@@ -279,14 +307,20 @@ def test_swiglu_mlp_has_about_the_gelu_parameter_count():
     assert math.isclose(swiglu_mlp, gelu_mlp, rel_tol=0.05)
 
 
+# [/gpt]
+
+
 def test_no_weight_decay_param_names():
+    # [gpt]
     learned = tiny_gpt(pos_embedding="learned")
     assert learned.no_weight_decay_param_names() == {"wpe.weight"}
     assert "wpe.weight" in dict(learned.named_parameters())
     assert tiny_gpt(pos_embedding="rope").no_weight_decay_param_names() == set()
-    assert tiny_lstm().no_weight_decay_param_names() == set()
+    # [/gpt]
+    assert tiny_lstm().no_weight_decay_param_names() == set()  # [lstm]
 
 
+# [gpt]
 def test_gpt_initialisation():
     model = tiny_gpt(n_layer=8, n_embd=64, n_head=4, bias=True)
     assert model.blocks[0].attn.c_proj.weight.std().item() == pytest.approx(0.02 / math.sqrt(16), rel=0.1)
@@ -296,9 +330,10 @@ def test_gpt_initialisation():
     for block in zero.blocks:
         assert torch.count_nonzero(block.attn.c_proj.weight) == 0
         assert torch.count_nonzero(block.mlp.c_proj.weight) == 0
+# [/gpt]
 
 
-@pytest.mark.parametrize("make_model", [tiny_gpt, tiny_lstm])
+@pytest.mark.parametrize("make_model", MODEL_FACTORIES)
 @pytest.mark.parametrize("use_cache", [True, False])
 def test_generate_restores_training_mode(make_model, use_cache):
     model = make_model(dropout=0.1)
@@ -313,11 +348,16 @@ def test_generate_restores_training_mode(make_model, use_cache):
 @pytest.mark.parametrize(
     "make_model,lr",
     [
-        (lambda: tiny_gpt(n_embd=32, n_head=4), 1e-2),
-        (lambda: tiny_gpt(n_embd=32, n_head=4, pos_embedding="rope", norm="rmsnorm", mlp="swiglu", qk_norm=True), 1e-2),
-        (lambda: tiny_lstm(n_embd=32, hidden_size=64, n_layer=1), 2e-2),
+        # [gpt]
+        pytest.param(lambda: tiny_gpt(n_embd=32, n_head=4), 1e-2, id="gpt"),
+        pytest.param(
+            lambda: tiny_gpt(n_embd=32, n_head=4, pos_embedding="rope", norm="rmsnorm", mlp="swiglu", qk_norm=True),
+            1e-2,
+            id="gpt-modern",
+        ),
+        # [/gpt]
+        pytest.param(lambda: tiny_lstm(n_embd=32, hidden_size=64, n_layer=1), 2e-2, id="lstm"),  # [lstm]
     ],
-    ids=["gpt", "gpt-modern", "lstm"],
 )
 def test_overfits_a_repeated_sequence(make_model, lr):
     model = make_model()

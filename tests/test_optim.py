@@ -7,15 +7,32 @@ import math
 import pytest
 import torch
 
-from lmforge.models import GPT, LSTMLanguageModel
+from lmforge.models import GPT  # [gpt]
+from lmforge.models import LSTMLanguageModel  # [lstm]
 from lmforge.muon import Muon, orthogonalize
 from lmforge.optim import adamw, muon, warmup_cosine
 
 
+# [gpt]
 def tiny_gpt(**kwargs) -> GPT:
     return GPT(vocab_size=50, block_size=16, n_layer=2, n_head=2, n_embd=32, **kwargs)
+# [/gpt]
 
 
+# [lstm]
+def tiny_lstm() -> LSTMLanguageModel:
+    return LSTMLanguageModel(vocab_size=20, n_embd=8, hidden_size=8, n_layer=1)
+# [/lstm]
+
+
+# One factory per model; the tests that hold for any model use the first.
+MODEL_FACTORIES = [
+    tiny_gpt,  # [gpt]
+    tiny_lstm,  # [lstm]
+]
+
+
+# [gpt]
 def test_adamw_decays_matrices_only():
     net = tiny_gpt(bias=True)
     groups = {g["name"]: g for g in adamw(net, weight_decay=0.1).param_groups}
@@ -26,10 +43,11 @@ def test_adamw_decays_matrices_only():
     assert all(p.ndim < 2 or names[id(p)] == "wpe.weight" for p in groups["no_decay"]["params"])
     assert id(net.wpe.weight) not in decayed and id(net.wte.weight) in decayed
     assert len(decayed) + len(groups["no_decay"]["params"]) == len(list(net.parameters()))
+# [/gpt]
 
 
 def test_schedule_warms_up_then_decays_to_min_lr():
-    net = tiny_gpt()
+    net = MODEL_FACTORIES[0]()
     optimizer = adamw(net, lr=1e-3)
     scheduler = warmup_cosine(optimizer, max_steps=100, warmup_steps=10, min_lr=1e-4)
     lrs = []
@@ -45,7 +63,7 @@ def test_schedule_warms_up_then_decays_to_min_lr():
 
 
 def test_constant_schedule_stays_flat_after_warmup():
-    optimizer = adamw(tiny_gpt(), lr=1e-3)
+    optimizer = adamw(MODEL_FACTORIES[0](), lr=1e-3)
     scheduler = warmup_cosine(optimizer, max_steps=50, warmup_steps=5, decay="constant")
     for _ in range(30):
         optimizer.step()
@@ -64,12 +82,12 @@ def test_constant_schedule_stays_flat_after_warmup():
 )
 def test_schedule_rejects_bad_settings(kwargs, fragment):
     with pytest.raises(ValueError, match=fragment.replace("(", r"\(").replace(")", r"\)")):
-        warmup_cosine(adamw(tiny_gpt()), **kwargs)
+        warmup_cosine(adamw(MODEL_FACTORIES[0]()), **kwargs)
 
 
 def test_adamw_rejects_non_positive_lr():
     with pytest.raises(ValueError, match="optimizer.lr=0.0 must be > 0"):
-        adamw(tiny_gpt(), lr=0.0)
+        adamw(MODEL_FACTORIES[0](), lr=0.0)
 
 
 def test_orthogonalize_gives_near_unit_singular_values():
@@ -81,6 +99,7 @@ def test_orthogonalize_gives_near_unit_singular_values():
     assert tall.min() > 0.5 and tall.max() < 1.3
 
 
+# [gpt]
 def test_muon_splits_hidden_matrices_from_the_rest():
     net = tiny_gpt()
     optimizer = muon(net)
@@ -110,8 +129,11 @@ def test_muon_trains_and_its_state_loads_weights_only(tmp_path):
     torch.save(optimizer.state_dict(), tmp_path / "opt.pt")
     restored = Muon(muon(tiny_gpt()).param_groups)
     restored.load_state_dict(torch.load(tmp_path / "opt.pt", weights_only=True))
+# [/gpt]
 
 
+# [lstm]
 def test_muon_refuses_models_without_hidden_matrices():
     with pytest.raises(ValueError, match="use optimizer=adamw"):
-        muon(LSTMLanguageModel(vocab_size=20, n_embd=8, hidden_size=8, n_layer=1))
+        muon(tiny_lstm())
+# [/lstm]

@@ -10,7 +10,7 @@ import torch
 
 from lmforge.train import train
 
-from conftest import compose_config, run_cli, tiny_train_overrides
+from conftest import DEFAULT_MODEL, TINY_MODEL, compose_config, run_cli, tiny_train_overrides
 
 
 def read_csv_metric(run_dir: Path, key: str) -> dict[int, float]:
@@ -23,21 +23,23 @@ def read_csv_metric(run_dir: Path, key: str) -> dict[int, float]:
     return values
 
 
-@pytest.mark.parametrize("model", ["gpt", "lstm"])
+@pytest.mark.parametrize("model", list(TINY_MODEL))
 def test_fast_dev_run(model, tmp_path, corpus_dir):
     cfg = compose_config("train", tiny_train_overrides(corpus_dir, model, "debug=fdr"), tmp_path)
     metrics = train(cfg)
     assert torch.isfinite(torch.tensor(metrics["train/loss"]))
 
 
-@pytest.mark.parametrize("model", ["gpt", "lstm"])
+@pytest.mark.parametrize("model", list(TINY_MODEL))
 def test_overfit_drives_loss_down(model, tmp_path, corpus_dir):
     overrides = tiny_train_overrides(
         corpus_dir, model, "debug=overfit", "logger=csv", "trainer.log_every_n_steps=1", "trainer.max_steps=100",
         "optimizer.lr=3e-3", "model.n_embd=64",
     )
+    # [lstm]
     if model == "lstm":
         overrides += ["model.hidden_size=64", "model.dropout=0.0", "optimizer.lr=1e-2"]
+    # [/lstm]
     cfg = compose_config("train", overrides, tmp_path)
     train(cfg)
     losses = read_csv_metric(tmp_path / "run", "train/loss")
@@ -51,12 +53,13 @@ def test_resume_continues_exactly(tmp_path, corpus_dir):
         "logger=csv", "trainer.log_every_n_steps=1", "trainer.max_steps=12",
         "callbacks.periodic_checkpoint.every_n_train_steps=6", "callbacks.periodic_checkpoint.save_top_k=-1",
         "test=false",
+        "model.dropout=0.0",  # dropout's random state is not part of a checkpoint
     ]
     full_dir, resumed_dir = tmp_path / "full", tmp_path / "resumed"
-    train(compose_config("train", tiny_train_overrides(corpus_dir, "gpt", *common), full_dir))
+    train(compose_config("train", tiny_train_overrides(corpus_dir, DEFAULT_MODEL, *common), full_dir))
     step6 = full_dir / "run" / "checkpoints" / "periodic-step000006.ckpt"
     assert step6.exists()
-    train(compose_config("train", tiny_train_overrides(corpus_dir, "gpt", *common, f"ckpt_path={step6}"), resumed_dir))
+    train(compose_config("train", tiny_train_overrides(corpus_dir, DEFAULT_MODEL, *common, f"ckpt_path={step6}"), resumed_dir))
 
     full = read_csv_metric(full_dir / "run", "train/loss")
     resumed = read_csv_metric(resumed_dir / "run", "train/loss")
@@ -78,7 +81,7 @@ def test_resume_continues_exactly(tmp_path, corpus_dir):
 def test_tensorboard_events_hold_scalars_and_samples(tmp_path, corpus_dir):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    cfg = compose_config("train", tiny_train_overrides(corpus_dir, "gpt"), tmp_path)
+    cfg = compose_config("train", tiny_train_overrides(corpus_dir, DEFAULT_MODEL), tmp_path)
     train(cfg)
     accumulator = EventAccumulator(str(tmp_path / "run" / "tensorboard"), size_guidance={"tensors": 0})
     accumulator.Reload()
@@ -99,7 +102,7 @@ def test_tensorboard_events_hold_scalars_and_samples(tmp_path, corpus_dir):
 @pytest.mark.slow
 def test_cli_train_eval_generate(tmp_path, corpus_dir):
     paths = [f"paths.log_dir={tmp_path}/logs", f"paths.data_dir={tmp_path}/data"]
-    trained = run_cli("train", *tiny_train_overrides(corpus_dir, "gpt"), *paths, "sample.prompt=def")
+    trained = run_cli("train", *tiny_train_overrides(corpus_dir, DEFAULT_MODEL), *paths, "sample.prompt=def")
     assert trained.returncode == 0, trained.stderr[-3000:]
     assert "val/loss" in trained.stdout and "sample" in trained.stdout
     runs = list((tmp_path / "logs" / "train" / "runs").iterdir())

@@ -6,11 +6,13 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch import callbacks as pl_callbacks
 from lightning.pytorch.callbacks import ThroughputMonitor
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.trainer.states import RunningStage
-from lightning.pytorch.utilities import rank_zero_only
 from tokenizers import Tokenizer
+
+from lmforge.parallel import is_sharded
 
 
 def generate_text(
@@ -54,9 +56,11 @@ class TextSamples(L.Callback):
         self.seed = seed
         self.last_sample: str | None = None
 
-    @rank_zero_only
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking or pl_module.tokenizer_json is None:
+            return
+        # Rank 0 samples alone, except that a sharded (FSDP) network runs only with every rank.
+        if not (trainer.is_global_zero or is_sharded(pl_module.net)):
             return
         tokenizer = Tokenizer.from_str(pl_module.tokenizer_json)
         self.last_sample = generate_text(
@@ -109,3 +113,19 @@ def _batch_size(batch: tuple[torch.Tensor, torch.Tensor]) -> int:
 
 def _batch_tokens(batch: tuple[torch.Tensor, torch.Tensor]) -> int:
     return batch[0].numel()
+
+
+class LearningRateMonitor(pl_callbacks.LearningRateMonitor):
+    """Lightning's learning-rate monitor, idle (instead of an error) in a run without a logger."""
+
+    def on_train_start(self, trainer: L.Trainer, *args: Any, **kwargs: Any) -> None:
+        if trainer.loggers:
+            super().on_train_start(trainer, *args, **kwargs)
+
+    def on_train_batch_start(self, trainer: L.Trainer, *args: Any, **kwargs: Any) -> None:
+        if trainer.loggers:
+            super().on_train_batch_start(trainer, *args, **kwargs)
+
+    def on_train_epoch_start(self, trainer: L.Trainer, *args: Any, **kwargs: Any) -> None:
+        if trainer.loggers:
+            super().on_train_epoch_start(trainer, *args, **kwargs)

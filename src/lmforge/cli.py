@@ -7,13 +7,15 @@ import sys
 
 COMMANDS = {
     "train": ("lmforge.train", "train a model (then test the best checkpoint)"),
+    "fabric": ("lmforge.fabric_train", "train a model with the Fabric loop (src/lmforge/fabric_train.py)"),  # [fabric]
     "eval": ("lmforge.eval", "val/test loss and perplexity of a checkpoint: ckpt_path=..."),
     "generate": ("lmforge.generate", "sample text from a checkpoint: ckpt_path=... prompt=..."),
     "prepare": ("lmforge.prepare", "tokenize the corpus into the token cache only"),
+    "consolidate": ("lmforge.consolidate", "one checkpoint file from a sharded (trainer=fsdp) one: ckpt_path=<dir>"),
 }
 
 USAGE = "usage: lmforge <command> [hydra overrides] [--help]\n\ncommands:\n" + "\n".join(
-    f"  {name:<10} {help_text}" for name, (_, help_text) in COMMANDS.items()
+    f"  {name:<12} {help_text}" for name, (_, help_text) in COMMANDS.items()
 )
 
 

@@ -11,13 +11,16 @@ from rich.table import Table
 
 from lmforge.checkpoint import load_module, resolve_checkpoint
 from lmforge.config import CONFIG_DIR, apply_extras, build_datamodule
+from lmforge.errors import reported_errors
+from lmforge.validation import validate_eval_config
 
 
 def evaluate(cfg: DictConfig) -> dict[str, float]:
     """Loss and perplexity of the checkpoint on the requested splits."""
     apply_extras(cfg)
+    validate_eval_config(cfg)
     L.seed_everything(cfg.seed, workers=True)
-    module = load_module(resolve_checkpoint(cfg.ckpt_path, cfg.paths.log_dir))
+    module = load_module(resolve_checkpoint(cfg.ckpt_path, cfg.paths.log_dir), allow_unsafe=cfg.allow_unsafe_checkpoint)
     data_cfg = cfg.data if cfg.get("data") else OmegaConf.create(module.data_config)
     # Whatever the corpus, it is tokenized with the checkpoint's own tokenizer.
     datamodule = build_datamodule(data_cfg, tokenizer_json=module.tokenizer_json)
@@ -39,7 +42,8 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="eval")
 def main(cfg: DictConfig) -> None:
-    evaluate(cfg)
+    with reported_errors():
+        evaluate(cfg)
 
 
 if __name__ == "__main__":

@@ -8,11 +8,18 @@ from omegaconf import DictConfig
 from lmforge.callbacks import generate_text
 from lmforge.checkpoint import checkpoint_tokenizer, load_module, resolve_checkpoint
 from lmforge.config import CONFIG_DIR
+from lmforge.errors import reported_errors
+from lmforge.validation import validate_generate_config
 
 
 def generate(cfg: DictConfig) -> list[str]:
     """Print and return ``num_samples`` continuations of the prompt."""
-    module = load_module(resolve_checkpoint(cfg.ckpt_path, cfg.paths.log_dir), map_location=cfg.device)
+    validate_generate_config(cfg)
+    module = load_module(
+        resolve_checkpoint(cfg.ckpt_path, cfg.paths.log_dir),
+        map_location=cfg.device,
+        allow_unsafe=cfg.allow_unsafe_checkpoint,
+    )
     tokenizer = checkpoint_tokenizer(module)
     samples = []
     for i in range(cfg.num_samples):
@@ -36,7 +43,8 @@ def generate(cfg: DictConfig) -> list[str]:
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="generate")
 def main(cfg: DictConfig) -> None:
-    generate(cfg)
+    with reported_errors():
+        generate(cfg)
 
 
 if __name__ == "__main__":

@@ -9,8 +9,9 @@ import torch
 from hydra.utils import instantiate
 from torchmetrics import MeanMetric
 
-from lmforge.loss import count_targets, next_token_loss
+from lmforge.loss import batch_loss, loss_and_perplexity
 from lmforge.models.base import LanguageModel
+from lmforge.optim import build_optimizer, gradient_norm
 
 
 class LMModule(L.LightningModule):
@@ -23,6 +24,9 @@ class LMModule(L.LightningModule):
         scheduler: config of an LR-scheduler factory called with ``optimizer=<optimizer>``,
             stepped once per optimizer step; ``None`` keeps the learning rate constant.
         ignore_index: target id excluded from the loss.
+        activation_checkpointing: recompute each transformer block's activations in the
+            backward pass (less memory, about a third more compute).
+        compile_blocks: ``torch.compile`` each transformer block.
 
     Besides the weights, checkpoints carry the tokenizer (``tokenizer.json`` text) and
     the data config under ``checkpoint["lmforge"]``, so that eval and generate need
@@ -35,6 +39,8 @@ class LMModule(L.LightningModule):
         optimizer: dict,
         scheduler: dict | None = None,
         ignore_index: int = -100,
+        activation_checkpointing: bool = False,
+        compile_blocks: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -45,16 +51,42 @@ class LMModule(L.LightningModule):
         self.data_config: dict | None = None
         self.flops_per_batch: float | None = None  # read by the throughput monitor
         self._tokens_per_micro_batch = 0
+        self._net_prepared = False
+
+    def configure_model(self) -> None:
+        """Set up the network in each process once the processes exist (Lightning calls this per stage).
+
+        Caps CPU threads at this process's share of the cores, then, once: under
+        ``trainer=fsdp`` (a device mesh exists) shards the network with FSDP2, else applies
+        the block options (activation checkpointing, compile) alone. Does nothing outside a
+        Trainer (``load_from_checkpoint`` calls it too).
+        """
+        # Imported here: lmforge.parallel -> lmforge.errors -> lmforge.checkpoint imports this module.
+        from lmforge.parallel import apply_block_options, limit_cpu_threads, mixed_precision_dtypes, shard_model
+
+        if self._trainer is None:
+            return
+        limit_cpu_threads(self.trainer.num_devices)
+        if self._net_prepared:
+            return
+        self._net_prepared = True
+        options = {
+            "activation_checkpointing": self.hparams.activation_checkpointing,
+            "compile_blocks": self.hparams.compile_blocks,
+        }
+        if self.device_mesh is None:
+            apply_block_options(self.net, **options)
+            return
+        param_dtype, reduce_dtype = mixed_precision_dtypes(self.trainer.precision)
+        shard_model(
+            self.net, self.device_mesh["data_parallel"], param_dtype=param_dtype, reduce_dtype=reduce_dtype, **options
+        )
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         return self.net(idx)
 
     def _loss(self, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        inputs, targets = batch
-        logits = self.net(inputs)
-        return next_token_loss(logits, targets, self.hparams.ignore_index), count_targets(
-            targets, self.hparams.ignore_index
-        )
+        return batch_loss(self.net, batch, self.hparams.ignore_index)
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss, _ = self._loss(batch)
@@ -69,11 +101,8 @@ class LMModule(L.LightningModule):
         # logging steps: the norm costs a pass over all gradients.
         if self.global_step % self.trainer.log_every_n_steps != 0:
             return
-        grads = [p.grad for p in self.parameters() if p.grad is not None]
-        if grads:
-            norm = torch.nn.utils.get_total_norm(grads)
-            if hasattr(norm, "full_tensor"):  # a DTensor under FSDP2
-                norm = norm.full_tensor()
+        norm = gradient_norm(self.parameters())
+        if norm is not None:
             self.log("train/grad_norm", norm, on_step=True, on_epoch=False)
         tokens_per_step = (
             self._tokens_per_micro_batch * self.trainer.accumulate_grad_batches * self.trainer.world_size
@@ -95,15 +124,12 @@ class LMModule(L.LightningModule):
         self._log_loss_and_perplexity("test", self.test_loss)
 
     def _log_loss_and_perplexity(self, stage: str, metric: MeanMetric) -> None:
-        # The metric is a token-weighted mean synced across ranks, so perplexity is
-        # exp of the token-level mean loss, not a mean of per-batch perplexities.
-        loss = metric.compute()
-        metric.reset()
+        loss, perplexity = loss_and_perplexity(metric)
         self.log(f"{stage}/loss", loss, prog_bar=True)
-        self.log(f"{stage}/ppl", torch.exp(loss), prog_bar=stage == "val")
+        self.log(f"{stage}/ppl", perplexity, prog_bar=stage == "val")
 
     def configure_optimizers(self) -> Any:
-        optimizer = instantiate(self.hparams.optimizer, model=self.net)
+        optimizer = build_optimizer(self.hparams.optimizer, self.net, self.trainer.precision)
         if self.hparams.scheduler is None:
             return optimizer
         scheduler = instantiate(self.hparams.scheduler, optimizer=optimizer)

@@ -1,14 +1,17 @@
 """Optimizers and learning-rate schedules shared by the Trainer and the Fabric loops.
 
 Both are built from Hydra configs with the network passed in at call time:
-``instantiate(cfg.optimizer, model=net)`` and ``instantiate(cfg.scheduler, optimizer=opt)``.
+``build_optimizer(cfg.optimizer, net, precision)`` and ``instantiate(cfg.scheduler, optimizer=opt)``.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
+from typing import Any
 
 import torch
+from hydra.utils import instantiate
 from torch import nn
 
 from lmforge.models.base import LanguageModel
@@ -39,6 +42,28 @@ def weight_decay_groups(model: LanguageModel, weight_decay: float, exclude: set[
     ]
 
 
+def build_optimizer(config: Any, model: nn.Module, precision: str) -> torch.optim.Optimizer:
+    """Instantiate an optimizer config for ``model`` trained at ``precision``.
+
+    An automatic ``fused: null`` becomes ``False`` under mixed precision: a fused kernel
+    unscales gradients itself, which Lightning's gradient clipping cannot work with.
+    """
+    overrides = {"fused": False} if "fused" in config and config["fused"] is None and "mixed" in str(precision) else {}
+    return instantiate(config, model=model, **overrides)
+
+
+def gradient_norm(parameters: Iterable[nn.Parameter]) -> torch.Tensor | None:
+    """Total 2-norm of the gradients of ``parameters`` as a plain tensor; ``None`` when none has a gradient.
+
+    Under FSDP2 the gradients are sharded DTensors: the norm is reduced over all shards.
+    """
+    grads = [p.grad for p in parameters if p.grad is not None]
+    if not grads:
+        return None
+    norm = torch.nn.utils.get_total_norm(grads)
+    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+
+
 def adamw(
     model: nn.Module,
     lr: float = 1e-3,
@@ -47,13 +72,24 @@ def adamw(
     eps: float = 1e-8,
     fused: bool | None = None,
 ) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices only."""
+    """AdamW with weight decay on matrices only.
+
+    ``fused=None`` picks PyTorch's fused kernel when every parameter is a plain CPU or CUDA
+    float tensor (several times faster than the per-tensor loop PyTorch falls back to on CPU).
+    """
     _check_positive("optimizer.lr", lr)
     if weight_decay < 0:
         raise ValueError(f"optimizer.weight_decay={weight_decay} must be >= 0")
+    if fused is None:
+        fused = all(_fusable(p) for p in model.parameters())
     return torch.optim.AdamW(
         weight_decay_groups(model, weight_decay), lr=lr, betas=tuple(betas), eps=eps, fused=fused
     )
+
+
+def _fusable(param: torch.Tensor) -> bool:
+    plain = type(param.data) is torch.Tensor  # not a DTensor shard
+    return plain and param.device.type in ("cpu", "cuda") and param.is_floating_point()
 
 
 def muon(

@@ -6,6 +6,7 @@ import hydra
 from omegaconf import DictConfig
 
 from lmforge.config import CONFIG_DIR, apply_extras, build_datamodule
+from lmforge.errors import reported_errors
 
 
 def prepare(cfg: DictConfig) -> str:
@@ -19,7 +20,8 @@ def prepare(cfg: DictConfig) -> str:
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="prepare")
 def main(cfg: DictConfig) -> None:
-    prepare(cfg)
+    with reported_errors():
+        prepare(cfg)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,11 @@
-"""Language models: a GPT-style transformer and an LSTM, sharing the ``LanguageModel`` interface."""
+"""Language models, one architecture per module, sharing the ``LanguageModel`` interface."""
 
 from lmforge.models.base import LanguageModel
-from lmforge.models.gpt import GPT
-from lmforge.models.lstm import LSTMLanguageModel
+from lmforge.models.gpt import GPT  # [gpt]
+from lmforge.models.lstm import LSTMLanguageModel  # [lstm]
 
-__all__ = ["GPT", "LSTMLanguageModel", "LanguageModel"]
+__all__ = [
+    "GPT",  # [gpt]
+    "LSTMLanguageModel",  # [lstm]
+    "LanguageModel",
+]

@@ -1,0 +1,84 @@
+"""Errors a user can fix, and how the command line reports them.
+
+A problem with the user's input (a bad path, a config value that cannot work, an unusable
+checkpoint, a full disk) raises an exception whose message is one line saying what is wrong
+and how to fix it. :func:`reported_errors` wraps the body of each ``lmforge <command>`` and
+prints such errors as ``error: <message>`` on stderr with exit code 1, without a traceback;
+other exceptions (bugs) keep their traceback. ``HYDRA_FULL_ERROR=1`` or a ``debug=...``
+config shows the traceback of user errors too.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import re
+import signal
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from hydra.core.hydra_config import HydraConfig
+from hydra.errors import InstantiationException
+from omegaconf.errors import InterpolationToMissingValueError, MissingMandatoryValue
+
+from lmforge.checkpoint import CheckpointError
+from lmforge.data.sources import DataError
+
+USER_ERROR_EXIT_CODE = 1
+# Failures to write or read a file that the user fixes (free space, permissions), not bugs.
+_USER_OS_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM})
+
+
+class ConfigError(ValueError):
+    """A config value that cannot work; the message names the key and a value that does."""
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training was stopped because the loss became NaN or infinite."""
+
+
+def user_error_message(exc: BaseException) -> str | None:
+    """The one-line message of a user error (unwrapping Hydra's instantiation errors), else None."""
+    if isinstance(exc, InstantiationException) and exc.__cause__ is not None:
+        exc = exc.__cause__
+    if isinstance(exc, (DataError, CheckpointError, ConfigError, NonFiniteLossError)):
+        return str(exc)
+    if isinstance(exc, (MissingMandatoryValue, InterpolationToMissingValueError)):
+        missing = re.search(r"Missing mandatory value: (\S+)", str(exc))
+        key = missing[1] if missing else "a required value"
+        return f"{key} is required; set it on the command line, e.g. {key}=..."
+    if isinstance(exc, OSError) and exc.errno in _USER_OS_ERRNOS:
+        where = f" {exc.filename}" if exc.filename else ""
+        return (
+            f"cannot write or read{where}: {exc.strerror}; free disk space or fix the permissions, "
+            "or point paths.log_dir / paths.data_dir at another disk"
+        )
+    return None
+
+
+def _show_tracebacks() -> bool:
+    if os.environ.get("HYDRA_FULL_ERROR") == "1":
+        return True
+    return HydraConfig.initialized() and HydraConfig.get().runtime.choices.get("debug") is not None
+
+
+@contextmanager
+def reported_errors() -> Iterator[None]:
+    """Turn user errors raised in the block into ``error: <message>`` and exit code 1.
+
+    Ctrl-C outside training (where Lightning handles it) exits with code 130 and one line.
+    """
+    try:
+        yield
+    except KeyboardInterrupt:
+        if _show_tracebacks():
+            raise
+        print("interrupted", file=sys.stderr)
+        sys.exit(128 + signal.SIGINT)
+    except Exception as exc:
+        message = user_error_message(exc)
+        if message is None or _show_tracebacks():
+            raise
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(USER_ERROR_EXIT_CODE)

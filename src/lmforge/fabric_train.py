@@ -1,0 +1,356 @@
+"""Train with your own loop on Lightning Fabric.
+
+``lmforge fabric [overrides]`` (``fabric.devices=N`` launches N processes), or Lightning's
+launcher: ``fabric run src/lmforge/fabric_train.py --devices=2 --strategy=ddp [overrides]``.
+
+The model, loss, optimizer, schedule and data are those of ``lmforge train``; the loop is
+plain code: gradient accumulation, clipping, a per-step LR schedule, periodic validation,
+TensorBoard logging, throughput, and checkpoints (model, optimizer, scheduler, step) that
+resume exactly.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning as L
+import torch
+from hydra.utils import instantiate
+from lightning.fabric.loggers import TensorBoardLogger
+from lightning.fabric.strategies import ModelParallelStrategy
+from lightning.fabric.utilities.throughput import ThroughputMonitor
+from omegaconf import DictConfig
+from torchmetrics import MeanMetric
+
+from lmforge.callbacks import generate_text
+from lmforge.checkpoint import CheckpointError, resolve_checkpoint
+from lmforge.config import CONFIG_DIR, apply_extras, build_datamodule, instantiate_all, model_config, to_container
+from lmforge.errors import ConfigError, reported_errors
+from lmforge.loss import batch_loss, loss_and_perplexity
+from lmforge.optim import build_optimizer, gradient_norm
+from lmforge.parallel import is_sharded, limit_cpu_threads, mixed_precision_dtypes, shard_model
+from lmforge.report import print_run_summary
+from lmforge.safety import AtomicCheckpointIO
+from lmforge.validation import validate_run_config
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+
+# The Fabric settings that `fabric run --<flag>` passes to each process as LT_<NAME>.
+CLI_SETTINGS = ("accelerator", "strategy", "devices", "num_nodes", "precision")
+
+
+@dataclass(frozen=True)
+class LoopSettings:
+    """The ``trainer`` node of ``configs/fabric.yaml``; every count is in optimizer steps."""
+
+    max_steps: int
+    accumulate_grad_batches: int = 1
+    gradient_clip_val: float | None = None
+    val_check_interval: int = 150
+    log_every_n_steps: int = 10
+    checkpoint_every_n_steps: int = 100
+
+    @classmethod
+    def from_config(cls, node: DictConfig) -> LoopSettings:
+        known = {field.name for field in fields(cls)}
+        unknown = sorted(set(node) - known)
+        if unknown:
+            raise ConfigError(
+                f"trainer.{unknown[0]} is a Lightning Trainer setting the Fabric loop does not have; "
+                f"remove it (the loop's settings: {', '.join(sorted(known))})"
+            )
+        settings = cls(**node)
+        for name in known - {"gradient_clip_val"}:
+            if not isinstance(getattr(settings, name), int) or getattr(settings, name) < 1:
+                raise ConfigError(f"trainer.{name}={getattr(settings, name)} must be an integer >= 1")
+        if settings.gradient_clip_val is not None and not settings.gradient_clip_val > 0:
+            raise ConfigError(
+                f"trainer.gradient_clip_val={settings.gradient_clip_val} must be > 0, or null for no clipping"
+            )
+        return settings
+
+
+def launched_by_cli() -> bool:
+    """Whether ``fabric run`` started this process: it has created the processes, so no ``launch()``."""
+    return bool(int(os.environ.get("LT_CLI_USED", "0")))
+
+
+def fabric_settings(fabric_cfg: DictConfig) -> dict[str, Any]:
+    """Fabric's hardware settings from the ``fabric`` node; under ``fabric run`` its flags win."""
+    settings = {name: fabric_cfg[name] for name in CLI_SETTINGS}
+    if launched_by_cli():
+        for name in CLI_SETTINGS:
+            settings[name] = os.environ.get(f"LT_{name.upper()}", settings[name])
+    return settings
+
+
+def fsdp_strategy(fabric_cfg: DictConfig, settings: dict[str, Any]) -> ModelParallelStrategy:
+    """FSDP2 data parallelism over all processes, sharding with :func:`lmforge.parallel.shard_model`."""
+    try:
+        world_size = int(settings["devices"]) * int(settings["num_nodes"])
+    except ValueError:
+        raise ConfigError(
+            f"fabric.strategy=fsdp needs a number of devices, not devices={settings['devices']!r}; "
+            "set fabric.devices=<N> (or --devices=<N>)"
+        ) from None
+    param_dtype, reduce_dtype = mixed_precision_dtypes(settings["precision"])
+    options = {
+        "param_dtype": param_dtype,
+        "reduce_dtype": reduce_dtype,
+        "activation_checkpointing": fabric_cfg.activation_checkpointing,
+        "compile_blocks": fabric_cfg.compile_blocks,
+    }
+
+    def shard(net: torch.nn.Module, device_mesh: Any) -> torch.nn.Module:
+        return shard_model(net, device_mesh["data_parallel"], **options)
+
+    return ModelParallelStrategy(parallelize_fn=shard, data_parallel_size=world_size, tensor_parallel_size=1)
+
+
+def build_fabric(cfg: DictConfig) -> L.Fabric:
+    """The Fabric of the ``fabric`` node (or of ``fabric run``'s flags) with the configured loggers.
+
+    Objects in the ``callbacks`` node receive ``on_train_batch_end(fabric, step, loss)`` after
+    each optimizer step and ``on_validation_results(fabric, step, metrics)`` after each validation.
+    Checkpoint files are written atomically (:class:`~lmforge.safety.AtomicCheckpointIO`);
+    under FSDP each rank writes its own shard.
+    """
+    settings = fabric_settings(cfg.fabric)
+    plugins = [AtomicCheckpointIO()]
+    if settings["strategy"] == "fsdp":
+        settings["strategy"], plugins = fsdp_strategy(cfg.fabric, settings), []
+        # Fabric refuses a strategy object that differs from a --strategy flag; the object is that flag.
+        os.environ.pop("LT_STRATEGY", None)
+    return L.Fabric(
+        **settings,
+        plugins=plugins,
+        loggers=instantiate_all(cfg.get("logger")),
+        callbacks=instantiate_all(cfg.get("callbacks")),
+    )
+
+
+def train_step(
+    fabric: L.Fabric,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    batches: Iterator[Batch],
+    loop: LoopSettings,
+    ignore_index: int,
+    measure_grad_norm: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One optimizer step over ``accumulate_grad_batches`` micro-batches.
+
+    Returns the mean micro-batch loss and, when asked, the gradient norm before clipping.
+    """
+    losses = []
+    for micro_batch in range(loop.accumulate_grad_batches):
+        # Gradients are all-reduced only in the backward pass of the last micro-batch.
+        last = micro_batch == loop.accumulate_grad_batches - 1
+        with fabric.no_backward_sync(model, enabled=not last):
+            loss, _ = batch_loss(model, next(batches), ignore_index)
+            fabric.backward(loss / loop.accumulate_grad_batches)
+        losses.append(loss.detach())
+    norm = unscaled_gradient_norm(fabric, model) if measure_grad_norm else None
+    if loop.gradient_clip_val is not None:
+        fabric.clip_gradients(model, optimizer, max_norm=loop.gradient_clip_val)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return torch.stack(losses).mean(), norm
+
+
+def unscaled_gradient_norm(fabric: L.Fabric, model: torch.nn.Module) -> torch.Tensor | None:
+    """The gradient norm, corrected for fp16 loss scaling (``16-mixed`` on GPUs)."""
+    norm = gradient_norm(model.parameters())
+    scaler = getattr(fabric.strategy.precision, "scaler", None)
+    return norm / scaler.get_scale() if norm is not None and scaler is not None else norm
+
+
+@torch.no_grad()
+def evaluate(
+    fabric: L.Fabric, model: torch.nn.Module, loader: Any, metric: MeanMetric, ignore_index: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token-weighted mean loss over the loaders of all ranks, and its perplexity.
+
+    Ranks may hold one batch more than others, but a sharded (FSDP2) forward pass is a
+    collective: a rank that has run out repeats its last batch without counting it.
+    """
+    num_batches = int(fabric.all_reduce(torch.tensor(len(loader), device=fabric.device), reduce_op="max"))
+    batches, last_batch = iter(loader), None
+    model.eval()
+    for _ in range(num_batches):
+        batch = next(batches, None)
+        if batch is None:
+            batch_loss(model, last_batch, ignore_index)
+            continue
+        loss, count = batch_loss(model, batch, ignore_index)
+        metric.update(loss, weight=count)
+        last_batch = batch
+    model.train()
+    return loss_and_perplexity(metric)
+
+
+def save_checkpoint(fabric: L.Fabric, directory: Path, state: dict[str, Any]) -> Path:
+    """Write ``state`` to ``<directory>/step<NNNNNN>.ckpt`` (rank 0, or a shard per rank under FSDP)."""
+    path = directory / f"step{state['step']:06d}.ckpt"
+    fabric.save(path, state)
+    return path
+
+
+def fit(cfg: DictConfig) -> dict[str, float]:
+    """Train (then test) the configured experiment with Fabric; returns the final metrics."""
+    loop = LoopSettings.from_config(cfg.trainer)
+    apply_extras(cfg)
+    validate_run_config(cfg)  # before any data is prepared or any file is written
+    fabric = build_fabric(cfg)
+    if not launched_by_cli():
+        fabric.launch()
+    # `fabric run` sets OMP_NUM_THREADS to all the cores in every process: share them out.
+    threads = limit_cpu_threads(getattr(fabric.strategy, "num_processes", 1))
+    strategy = type(fabric.strategy).__name__
+    fabric.print(f"{fabric.world_size} process(es), strategy {strategy}, {threads} CPU threads each")
+    L.seed_everything(cfg.seed, workers=True)
+
+    # The same construction order as `lmforge train`, so the same seed gives the same weights.
+    datamodule = build_datamodule(cfg.data)
+    datamodule.prepare_data()  # before the model: the tokenizer decides the vocabulary size
+    net_config = model_config(cfg.model, datamodule.vocab_size)
+    net = instantiate(net_config)
+    flops_per_token = net.flops_per_token(datamodule.block_size)
+    model = fabric.setup_module(net)
+    # Optimizer after setup: FSDP2 replaces the parameters with sharded ones.
+    optimizer = build_optimizer(cfg.optimizer, net, str(fabric.strategy.precision.precision))
+    scheduler = instantiate(cfg.scheduler, optimizer=optimizer) if cfg.get("scheduler") else None
+    optimizer = fabric.setup_optimizers(optimizer)
+
+    # The scheduler travels as its state dict: Fabric restores objects other than the model and
+    # optimizer in place from single-file checkpoints only, not from FSDP's sharded ones.
+    state = {"model": model, "optimizer": optimizer, "scheduler": None, "step": 0}
+    ckpt_path = resolve_checkpoint(cfg.ckpt_path, Path(cfg.paths.log_dir) / cfg.task_name)
+    if ckpt_path:
+        try:
+            fabric.load(ckpt_path, state, weights_only=True)
+        except KeyError:
+            raise CheckpointError(
+                f"checkpoint {ckpt_path} was not written by lmforge fabric (it lacks the model, optimizer or step); "
+                "resume the Fabric loop from its own checkpoints (logs/fabric/...), or start without ckpt_path"
+            ) from None
+        if scheduler is not None:
+            scheduler.load_state_dict(state["scheduler"])
+        fabric.print(f"resumed from {ckpt_path} at step {state['step']}")
+    start_step = state["step"]
+    metadata = {"tokenizer": datamodule.tokenizer_json, "data": to_container(cfg.data), "model": net_config}
+
+    def loader(dataloader: torch.utils.data.DataLoader) -> Any:
+        return fabric.setup_dataloaders(dataloader, use_distributed_sampler=False)  # each rank shards itself
+
+    rank, world_size = fabric.global_rank, fabric.world_size
+    # Batches are a function of the micro-batch index, so a resumed run continues the same sequence.
+    batches = iter(loader(datamodule.train_loader(start_step * loop.accumulate_grad_batches, rank)))
+    val_loader = loader(datamodule.eval_loader("val", rank, world_size))
+    eval_loss = MeanMetric().to(fabric.device)
+    throughput = ThroughputMonitor(fabric, window_size=cfg.throughput.window_size)
+    if cfg.throughput.peak_flops:
+        throughput.available_flops = cfg.throughput.peak_flops
+    tokens_per_micro_batch = datamodule.batch_size * datamodule.block_size
+    tokens_per_step = tokens_per_micro_batch * loop.accumulate_grad_batches  # on each rank
+    checkpoint_dir = Path(cfg.paths.output_dir) / "checkpoints"
+    metrics: dict[str, float] = {}
+    last_checkpoint = None
+    train_seconds = 0.0
+
+    for step in range(start_step, loop.max_steps):
+        done = step + 1
+        log_now = done % loop.log_every_n_steps == 0
+        lr = optimizer.param_groups[0]["lr"]
+        started = time.perf_counter()
+        loss, norm = train_step(fabric, model, optimizer, batches, loop, cfg.ignore_index, log_now)
+        if scheduler is not None:
+            scheduler.step()
+        train_seconds += time.perf_counter() - started
+        fabric.call("on_train_batch_end", fabric=fabric, step=done, loss=loss)
+
+        steps_run = done - start_step
+        throughput.update(
+            time=train_seconds,
+            batches=steps_run * loop.accumulate_grad_batches,
+            samples=steps_run * loop.accumulate_grad_batches * datamodule.batch_size,
+            lengths=steps_run * tokens_per_step,
+            flops=flops_per_token * tokens_per_step,
+        )
+        if log_now:
+            logged = {"train/loss": loss, "lr": lr, "train/tokens": float(done * tokens_per_step * world_size)}
+            if norm is not None:
+                logged["train/grad_norm"] = norm
+            logged.update({f"train/{key}": value for key, value in throughput.compute().items()})
+            fabric.log_dict(logged, step=step)
+            metrics["train/loss"] = loss.item()
+            fabric.print(f"step {done}/{loop.max_steps}  train/loss {metrics['train/loss']:.4f}  lr {lr:.3g}")
+        if done % loop.val_check_interval == 0 or done == loop.max_steps:
+            val_loss, val_ppl = evaluate(fabric, model, val_loader, eval_loss, cfg.ignore_index)
+            metrics.update({"val/loss": val_loss.item(), "val/ppl": val_ppl.item()})
+            fabric.log_dict({"val/loss": val_loss, "val/ppl": val_ppl}, step=done)
+            fabric.print(f"step {done}/{loop.max_steps}  val/loss {val_loss.item():.4f}  val/ppl {val_ppl.item():.2f}")
+            fabric.call("on_validation_results", fabric=fabric, step=done, metrics=metrics)
+        if done % loop.checkpoint_every_n_steps == 0 or done == loop.max_steps:
+            state.update(step=done, scheduler=scheduler.state_dict() if scheduler is not None else None)
+            last_checkpoint = save_checkpoint(fabric, checkpoint_dir, {**state, "lmforge": metadata})
+
+    if cfg.test:
+        test_loader = loader(datamodule.eval_loader("test", rank, world_size))
+        test_loss, test_ppl = evaluate(fabric, model, test_loader, eval_loss, cfg.ignore_index)
+        metrics.update({"test/loss": test_loss.item(), "test/ppl": test_ppl.item()})
+        fabric.log_dict({"test/loss": test_loss, "test/ppl": test_ppl}, step=loop.max_steps)
+    for logger in fabric.loggers:
+        logger.finalize("success")
+
+    tokens = (loop.max_steps - start_step) * tokens_per_step * world_size
+    tokens_per_sec = tokens / train_seconds if train_seconds else None
+    _print_summary(cfg, fabric, net, datamodule.tokenizer, metrics, tokens_per_sec, last_checkpoint)
+    return metrics
+
+
+def _print_summary(
+    cfg: DictConfig,
+    fabric: L.Fabric,
+    net: torch.nn.Module,
+    tokenizer: Any,
+    metrics: dict[str, float],
+    tokens_per_sec: float | None,
+    last_checkpoint: Path | None,
+) -> None:
+    """Rank 0 prints the run summary with a text sample."""
+    # A sharded network's forward pass needs every rank: all of them sample, rank 0 prints.
+    if not (fabric.is_global_zero or is_sharded(net)):
+        return
+    sample = cfg.sample
+    text = generate_text(
+        net, tokenizer, sample.prompt, sample.max_new_tokens,
+        temperature=sample.temperature, top_k=sample.top_k, seed=sample.seed, device=fabric.device,
+    )
+    if fabric.is_global_zero:
+        tensorboard = next((lg for lg in fabric.loggers if isinstance(lg, TensorBoardLogger)), None)
+        print_run_summary(
+            metrics,
+            tokens_per_sec,
+            best_checkpoint=None,
+            last_checkpoint=str(last_checkpoint) if last_checkpoint else None,
+            tensorboard_dir=tensorboard.log_dir if tensorboard else None,
+            sample=text,
+        )
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="fabric")
+def main(cfg: DictConfig) -> float | None:
+    with reported_errors():
+        metrics = fit(cfg)
+    return metrics.get("val/loss")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,228 @@
+"""The Fabric loop: config, `lmforge fabric` and `fabric run` launches, exact resume, parity with the Trainer."""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from lmforge.checkpoint import CheckpointError
+from lmforge.fabric_train import LoopSettings, fit
+from lmforge.train import train
+
+from conftest import DEFAULT_MODEL, REPO_ROOT, compose_config, run_cli, tiny_train_overrides
+from test_train import read_csv_metric
+
+# The tiny run of the Trainer tests, less the settings that only the Trainer has.
+TRAINER_ONLY = ("callbacks.", "trainer.accelerator=")
+
+
+def tiny_fabric_overrides(corpus: Path, *extra: str) -> list[str]:
+    base = [o for o in tiny_train_overrides(corpus) if not o.startswith(TRAINER_ONLY)]
+    return [*base, "fabric.accelerator=cpu", "throughput.window_size=3", *extra]
+
+
+def scalars(tensorboard_dir: Path) -> dict[str, dict[int, float]]:
+    """tag -> {step: value} of every scalar in the TensorBoard events under ``tensorboard_dir``."""
+    accumulator = EventAccumulator(str(tensorboard_dir))
+    accumulator.Reload()
+    return {
+        tag: {event.step: event.value for event in accumulator.Scalars(tag)}
+        for tag in accumulator.Tags()["scalars"]
+    }
+
+
+def run_dirs(log_dir: Path) -> list[Path]:
+    return sorted((log_dir / "fabric" / "runs").iterdir())
+
+
+def test_config_composes_with_shared_groups(tmp_path, corpus_dir):
+    cfg = compose_config("fabric", ["trainer.max_steps=77", "scheduler=constant"], tmp_path)
+    assert cfg.scheduler.max_steps == 77  # `${trainer.max_steps}` resolves to the loop's setting
+    assert cfg.scheduler.decay == "constant" and cfg.optimizer._target_ == "lmforge.optim.adamw"
+    assert LoopSettings.from_config(cfg.trainer).max_steps == 77
+    assert set(cfg.fabric) >= {"accelerator", "devices", "num_nodes", "strategy", "precision"}
+
+    experiment = compose_config("fabric", ["experiment=shakespeare_char", f"data.path={corpus_dir}"], tmp_path)
+    assert experiment.trainer.max_steps == experiment.scheduler.max_steps == 2000
+    assert LoopSettings.from_config(compose_config("fabric", ["debug=overfit"], tmp_path).trainer).max_steps == 100
+
+
+@pytest.mark.parametrize(
+    "bad,message",
+    [
+        ("debug=fdr", "trainer.fast_dev_run is a Lightning Trainer setting"),
+        ("trainer.accumulate_grad_batches=0", "must be an integer >= 1"),
+        ("trainer.gradient_clip_val=0", "must be > 0, or null"),
+    ],
+)
+def test_bad_loop_settings_are_refused_in_one_line(bad, message, tmp_path):
+    cfg = compose_config("fabric", [bad], tmp_path)
+    with pytest.raises(ValueError, match=message):
+        LoopSettings.from_config(cfg.trainer)
+
+
+@pytest.mark.slow
+def test_cli_refuses_a_trainer_only_setting_in_one_line(tmp_path):
+    result = run_cli("fabric", "+trainer.fast_dev_run=true", f"paths.log_dir={tmp_path}/logs")
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith(
+        "error: trainer.fast_dev_run is a Lightning Trainer setting the Fabric loop does not have; remove it"
+    )
+    assert not list((tmp_path / "logs").rglob("*.ckpt"))  # refused before any training
+
+
+def test_resume_continues_exactly(tmp_path, corpus_dir):
+    """Resumed from its step-6 checkpoint, a run with gradient accumulation matches the uninterrupted one."""
+    common = [
+        "trainer.max_steps=12", "trainer.accumulate_grad_batches=2", "trainer.log_every_n_steps=1",
+        "trainer.checkpoint_every_n_steps=6", "trainer.val_check_interval=6", "test=false",
+    ]
+    full_dir, resumed_dir = tmp_path / "full", tmp_path / "resumed"
+    fit(compose_config("fabric", tiny_fabric_overrides(corpus_dir, *common), full_dir))
+    step6 = full_dir / "run" / "checkpoints" / "step000006.ckpt"
+    assert step6.exists()
+    fit(compose_config("fabric", tiny_fabric_overrides(corpus_dir, *common, f"ckpt_path={step6}"), resumed_dir))
+
+    full, resumed = scalars(full_dir / "run" / "tensorboard"), scalars(resumed_dir / "run" / "tensorboard")
+    assert sorted(resumed["train/loss"]) == list(range(6, 12))
+    for step in range(6, 12):
+        assert resumed["train/loss"][step] == pytest.approx(full["train/loss"][step], abs=1e-6), step
+        assert resumed["lr"][step] == pytest.approx(full["lr"][step])
+    assert resumed["val/loss"][12] == pytest.approx(full["val/loss"][12], abs=1e-6)
+
+    final_full = torch.load(full_dir / "run" / "checkpoints" / "step000012.ckpt", weights_only=True)
+    final_resumed = torch.load(resumed_dir / "run" / "checkpoints" / "step000012.ckpt", weights_only=True)
+    assert final_full["step"] == final_resumed["step"] == 12
+    assert final_resumed["scheduler"]["last_epoch"] == 12
+    for name, tensor in final_full["model"].items():
+        torch.testing.assert_close(final_resumed["model"][name], tensor, rtol=0, atol=1e-6)
+
+
+def test_first_loss_matches_the_trainer(tmp_path, corpus_dir):
+    """Same seed, same initial weights and first batch: the Trainer and Fabric paths share model and data code."""
+    one_step = [
+        "trainer.max_steps=1", "trainer.log_every_n_steps=1", "trainer.val_check_interval=1",
+        "scheduler.warmup_steps=0", "test=false",
+    ]
+    trainer_overrides = tiny_train_overrides(corpus_dir, DEFAULT_MODEL, *one_step, "logger=csv")
+    train(compose_config("train", trainer_overrides, tmp_path / "t"))
+    fit(compose_config("fabric", tiny_fabric_overrides(corpus_dir, *one_step), tmp_path / "f"))
+    trainer_loss = read_csv_metric(tmp_path / "t" / "run", "train/loss")[0]
+    fabric_loss = scalars(tmp_path / "f" / "run" / "tensorboard")["train/loss"][0]
+    assert fabric_loss == pytest.approx(trainer_loss, abs=1e-5)
+
+    # The two paths' checkpoints differ: the Fabric loop refuses the Trainer's with a clear message.
+    trainer_checkpoint = tmp_path / "t" / "run" / "checkpoints" / "last.ckpt"
+    resume = tiny_fabric_overrides(corpus_dir, *one_step, f"ckpt_path={trainer_checkpoint}")
+    with pytest.raises(CheckpointError, match="was not written by lmforge fabric"):
+        fit(compose_config("fabric", resume, tmp_path / "f2"))
+
+
+@pytest.mark.slow
+def test_cli_trains_validates_logs_and_checkpoints(tmp_path, corpus_dir):
+    logs = tmp_path / "logs"
+    overrides = tiny_fabric_overrides(corpus_dir, "trainer.checkpoint_every_n_steps=6", "throughput.peak_flops=1e11")
+    result = run_cli("fabric", *overrides, f"paths.log_dir={logs}", f"paths.data_dir={tmp_path}/data")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "val/loss" in result.stdout and "1 process(es)" in result.stdout
+    [run] = run_dirs(logs)
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step000006.ckpt", "step000012.ckpt"]
+    checkpoint = torch.load(run / "checkpoints" / "step000012.ckpt", weights_only=True)
+    assert {"model", "optimizer", "scheduler", "step", "lmforge"} <= set(checkpoint)
+    assert checkpoint["lmforge"]["tokenizer"] and checkpoint["lmforge"]["model"]["n_embd"] == 32
+
+    logged = scalars(run / "tensorboard")
+    expected = {
+        "train/loss", "train/grad_norm", "train/tokens", "lr", "val/loss", "val/ppl", "test/loss", "test/ppl",
+        "train/device/items_per_sec", "train/device/mfu",
+    }
+    assert expected <= set(logged), expected - set(logged)
+    assert sorted(logged["val/loss"]) == [6, 12]
+    assert logged["val/ppl"][12] == pytest.approx(math.exp(logged["val/loss"][12]), rel=1e-4)
+    assert logged["train/tokens"][11] == 12 * 8 * 32
+    assert logged["train/loss"][11] < logged["train/loss"][1]
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def fabric_run(*args: str) -> subprocess.CompletedProcess:
+    """``fabric run src/lmforge/fabric_train.py <args>``: Lightning's own launcher (torchrun underneath).
+
+    Without OMP_NUM_THREADS in the environment, as from a shell: the CLI then sets it to all the cores.
+    """
+    fabric = Path(sys.executable).with_name("fabric")
+    env = {key: value for key, value in os.environ.items() if key != "OMP_NUM_THREADS"}
+    return subprocess.run(
+        [str(fabric), "run", f"--main-port={free_port()}", "src/lmforge/fabric_train.py", *args],
+        cwd=REPO_ROOT, env={**env, "PYTHONUNBUFFERED": "1"}, capture_output=True, text=True, timeout=300,
+    )
+
+
+@pytest.mark.slow
+def test_fabric_run_two_ddp_processes_share_one_run_dir(tmp_path, corpus_dir):
+    logs = tmp_path / "logs"
+    overrides = [o for o in tiny_fabric_overrides(corpus_dir) if not o.startswith("fabric.")]
+    result = fabric_run(
+        "--accelerator=cpu", "--devices=2", "--strategy=ddp",
+        *overrides, "trainer.max_steps=6", "trainer.accumulate_grad_batches=2", "trainer.val_check_interval=3",
+        "trainer.checkpoint_every_n_steps=3",
+        "data.eval_windows=33",  # ranks get 17 and 16 windows: one more eval batch on rank 0
+        f"paths.log_dir={logs}", f"paths.data_dir={tmp_path}/data",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    # The CLI's flags win over the config, and the 2 cores are split between the processes.
+    assert "2 process(es), strategy DDPStrategy, 1 CPU threads each" in result.stdout
+
+    # One run directory; rank 1 writes nothing there but its own Python log.
+    [run] = run_dirs(logs)
+    assert sorted(p.name for p in run.iterdir()) == [
+        ".hydra", "checkpoints", "fabric_train.log", "fabric_train_rank1.log", "tensorboard",
+    ]
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step000003.ckpt", "step000006.ckpt"]
+    assert len(list((run / "tensorboard").iterdir())) == 1  # one event file: rank 0's
+    logged = scalars(run / "tensorboard")
+    assert sorted(logged["val/loss"]) == [3, 6]
+    assert logged["train/tokens"][5] == 6 * 2 * 8 * 32 * 2  # steps x accumulation x batch x block x ranks
+
+
+@pytest.mark.slow
+def test_fsdp_two_processes_shard_and_resume_exactly(tmp_path, corpus_dir):
+    """`lmforge fabric fabric.devices=2` launches the second process itself; FSDP2 writes sharded checkpoints."""
+    common = [
+        *tiny_fabric_overrides(
+            corpus_dir, "fabric.strategy=fsdp", "fabric.devices=2", "trainer.max_steps=4",
+            "trainer.log_every_n_steps=1", "trainer.val_check_interval=2", "trainer.checkpoint_every_n_steps=2",
+            "test=false",
+        ),
+        f"paths.data_dir={tmp_path}/data",
+    ]
+    full = run_cli("fabric", *common, f"paths.log_dir={tmp_path}/full")
+    assert full.returncode == 0, full.stderr[-3000:]
+    assert "2 process(es), strategy ModelParallelStrategy" in full.stdout
+    assert "sample" in full.stdout  # every rank took part in generation; rank 0 printed it
+    [run] = run_dirs(tmp_path / "full")
+    step2 = run / "checkpoints" / "step000002.ckpt"
+    assert step2.is_dir() and (step2 / "meta.pt").exists() and len(list(step2.glob("*.distcp"))) == 2
+
+    resumed = run_cli("fabric", *common, f"paths.log_dir={tmp_path}/resumed", f"ckpt_path={step2}")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    [resumed_run] = run_dirs(tmp_path / "resumed")
+    full_logged, resumed_logged = scalars(run / "tensorboard"), scalars(resumed_run / "tensorboard")
+    assert sorted(resumed_logged["train/loss"]) == [2, 3]
+    for step in (2, 3):
+        assert resumed_logged["train/loss"][step] == pytest.approx(full_logged["train/loss"][step], abs=1e-6)
+        assert resumed_logged["lr"][step] == pytest.approx(full_logged["lr"][step])
+    assert resumed_logged["val/loss"][4] == pytest.approx(full_logged["val/loss"][4], abs=1e-6)
