@@ -1,4 +1,4 @@
-"""Shared helpers of the benchmark scripts: machine facts, the matmul peak, timing, results."""
+"""Shared helpers of the benchmark scripts: machine facts, the matmul peak, configs, timing, results."""
 
 from __future__ import annotations
 
@@ -6,9 +6,11 @@ import json
 import os
 import platform
 import statistics
+import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -56,6 +58,43 @@ def matmul_peak_flops(size: int = 2048, repeats: int = 5, device: str = "cpu", d
             torch.cuda.synchronize()
         best = min(best, time.perf_counter() - start)
     return 2 * size**3 / best
+
+
+def corpus_file(tmp: Path) -> Path:
+    """tiny-shakespeare from shared/ when present, else a generated text of similar size."""
+    if SHARED_SHAKESPEARE.exists():
+        return SHARED_SHAKESPEARE
+    rng = np.random.default_rng(0)
+    words = ["the", "king", "shall", "love", "thee", "my", "lord", "and", "of", "to", "night", "day"]
+    text = "\n".join(" ".join(rng.choice(words, 12)) for _ in range(60_000))
+    path = tmp / "corpus.txt"
+    path.write_text(text)
+    return path
+
+
+def compose(overrides: list[str], config_name: str = "train"):
+    """The config ``config_name`` with ``overrides``, composed as the CLI would, its run directory a
+    fresh folder next to ``paths.log_dir``."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import open_dict
+
+    from lmforge.config import CONFIG_DIR
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = hydra_compose(config_name, overrides=overrides, return_hydra_config=True)
+    out = Path(tempfile.mkdtemp(prefix="run-", dir=str(Path(cfg.paths.log_dir).parent)))
+    with open_dict(cfg):
+        cfg.hydra.runtime.output_dir = str(out)
+        cfg.hydra.job.num = 0
+    HydraConfig().set_config(cfg)
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(out)
+        del cfg["hydra"]
+    return cfg
 
 
 def median_window_seconds(step_times: list[float], warmup: int, window: int) -> float:

@@ -24,7 +24,8 @@ import numpy as np
 from lightning.pytorch.profilers import SimpleProfiler
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, markdown_table, write_results  # noqa: E402
+from common import compose, corpus_file, machine, markdown_table, write_results  # noqa: E402
+from throughput import overrides_for  # noqa: E402
 
 from lmforge.data import StdlibSource, TextFilesSource  # noqa: E402
 from lmforge.data.cache import prepare_corpus  # noqa: E402
@@ -97,13 +98,11 @@ class RecordingProfiler(SimpleProfiler):
 
 def loader_wait_share(tmp: Path) -> float:
     """Fraction of training-step time spent fetching batches, from Lightning's SimpleProfiler."""
-    from throughput import compose, corpus_file, overrides_for
-
     from lmforge.train import train
 
     cfg = compose(
         overrides_for("shakespeare_char", corpus_file(tmp), tmp)
-        + ["+trainer.profiler._target_=__main__.RecordingProfiler", "callbacks=none", "logger=none"]
+        + [f"+trainer.profiler._target_={RecordingProfiler.__module__}.RecordingProfiler", "callbacks=none", "logger=none"]
     )
     train(cfg)
     durations = RecordingProfiler.latest.recorded_durations

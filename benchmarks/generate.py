@@ -33,7 +33,7 @@ MODELS = {
 
 def tokens_per_second(model, new_tokens: int, use_cache: bool, repeats: int) -> float:
     prompt = torch.randint(0, 4096, (1, 8))
-    model.generate(prompt, 16, temperature=0, use_cache=use_cache)  # warm-up
+    model.generate(prompt, new_tokens, temperature=0, use_cache=use_cache)  # warm-up: kernels for every shape
     seconds = []
     for _ in range(repeats):
         start = time.perf_counter()

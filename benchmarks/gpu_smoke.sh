@@ -12,6 +12,7 @@ cd "$(dirname "$0")/.."
 LMFORGE=${LMFORGE:-.venv/bin/lmforge}
 STEPS=${STEPS:-60}
 OUT=${OUT_DIR:-$(mktemp -d)}
+mkdir -p "$OUT"
 
 if [[ "${1:-}" == "--tiny" ]]; then
   PEAK_FLOPS=${PEAK_FLOPS:-1e11}
@@ -27,10 +28,11 @@ fi
 
 "$LMFORGE" train "${args[@]}" \
   trainer.max_steps="$STEPS" trainer.val_check_interval="$STEPS" trainer.num_sanity_val_steps=0 \
+  scheduler.warmup_steps=$((STEPS / 5)) \
   trainer.log_every_n_steps=5 data.eval_windows=16 test=false logger=csv \
   callbacks.throughput.peak_flops="$PEAK_FLOPS" callbacks.throughput.window_size=5 \
   sample.max_new_tokens=8 callbacks.text_samples.max_new_tokens=8 extras.print_config=false \
-  paths.log_dir="$OUT/logs" > "$OUT/train.out" 2>&1 || { tail -50 "$OUT/train.out"; exit 1; }
+  paths.log_dir="$OUT/logs" paths.data_dir="${DATA_DIR:-data}" > "$OUT/train.out" 2>&1 || { tail -50 "$OUT/train.out"; exit 1; }
 
 metrics=$(find "$OUT/logs" -name metrics.csv | head -1)
 "$(dirname "$LMFORGE")/python" - "$metrics" "$PEAK_FLOPS" <<'PY'
@@ -42,6 +44,6 @@ def last(key):
 tokens = last("train/device/items_per_sec")
 flops = last("train/device/flops_per_sec")
 print(f"tokens/s per device: {tokens:,.0f}")
-print(f"model FLOP/s per device: {flops / 1e12:.2f} TFLOP/s")
-print(f"MFU (peak {float(sys.argv[2]) / 1e12:.0f} TFLOP/s): {100 * last('train/device/mfu'):.1f}%")
+print(f"model FLOP/s per device: {flops / 1e12:.3g} TFLOP/s")
+print(f"MFU (peak {float(sys.argv[2]) / 1e12:.3g} TFLOP/s): {100 * last('train/device/mfu'):.1f}%")
 PY

@@ -22,8 +22,7 @@ from pathlib import Path
 import lightning as L
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import SHARED_SHAKESPEARE, machine, markdown_table, write_results  # noqa: E402
-from throughput import compose  # noqa: E402
+from common import SHARED_SHAKESPEARE, compose, machine, markdown_table, write_results  # noqa: E402
 
 TARGET = 1.88
 
@@ -79,7 +78,7 @@ def run(experiment: str, extra: list[str], corpus: Path, tmp: Path, steps: int, 
         f"paths.log_dir={tmp}/logs", f"paths.data_dir={tmp}/data", *extra,
     ])
     with open_dict(cfg):
-        cfg.callbacks.train_clock = {"_target_": "__main__.TrainClock"}
+        cfg.callbacks.train_clock = {"_target_": f"{TrainClock.__module__}.TrainClock"}
     train(cfg)
     points = TrainClock.latest.points
     reached = next((seconds for _, seconds, loss in points if loss <= TARGET), None)

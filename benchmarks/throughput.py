@@ -1,9 +1,9 @@
 """Training throughput: the template's Trainer (and Fabric) path against a plain PyTorch loop.
 
-The same GPT config, batch, data and number of steps run through
+The same model config, batch, data and number of steps run through
   (a) a minimal PyTorch loop written here (AdamW, warmup + cosine schedule, grad clipping),
   (b) `lmforge train` (the Lightning Trainer path, default callbacks and TensorBoard logger),
-  (c) the Fabric loop (`lmforge fabric`).
+  (c) the Fabric loop (`lmforge fabric`), where the project has it.
 The paths alternate (a b c a b c ...) so that machine noise hits all of them alike; each
 figure is the median over windows of steps after warm-up. MFU is against the fp32 matmul
 peak measured by this script on this machine (or ``--peak-flops`` on GPUs).
@@ -26,7 +26,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
-    SHARED_SHAKESPEARE,
+    compose,
+    corpus_file,
     machine,
     markdown_table,
     matmul_peak_flops,
@@ -35,14 +36,17 @@ from common import (  # noqa: E402
 )
 
 CONFIGS = {
-    # nanoGPT's shakespeare_char CPU configuration.
+    # nanoGPT's shakespeare_char CPU configuration (without the GPT: the default model at its own size).
     "shakespeare_char": dict(
-        model=dict(n_layer=4, n_head=4, n_embd=128), block_size=64, batch_size=12, steps=240, warmup=40, window=20
+        model=dict(n_layer=4, n_head=4, n_embd=128),  # [gpt]
+        block_size=64, batch_size=12, steps=240, warmup=40, window=20,
     ),
+    # [gpt]
     # A larger model: 6 layers, 384 dims, block 256.
     "gpt_6x384": dict(
-        model=dict(n_layer=6, n_head=6, n_embd=384), block_size=256, batch_size=8, steps=36, warmup=6, window=5
+        model=dict(n_layer=6, n_head=6, n_embd=384), block_size=256, batch_size=8, steps=26, warmup=6, window=5
     ),
+    # [/gpt]
 }
 
 
@@ -63,53 +67,22 @@ class StepTimer(L.Callback):
         self._last = now
 
 
-def corpus_file(tmp: Path) -> Path:
-    """tiny-shakespeare from shared/ when present, else a generated text of similar size."""
-    if SHARED_SHAKESPEARE.exists():
-        return SHARED_SHAKESPEARE
-    rng = np.random.default_rng(0)
-    words = ["the", "king", "shall", "love", "thee", "my", "lord", "and", "of", "to", "night", "day"]
-    text = "\n".join(" ".join(rng.choice(words, 12)) for _ in range(60_000))
-    path = tmp / "corpus.txt"
-    path.write_text(text)
-    return path
+ON_CPU = ("trainer.num_sanity_val_steps=0", "trainer.accelerator=cpu")  # the Trainer's settings
 
 
-def overrides_for(name: str, corpus: Path, tmp: Path, fabric: bool = False) -> list[str]:
+def overrides_for(name: str, corpus: Path, tmp: Path, device: tuple[str, ...] = ON_CPU) -> list[str]:
+    """A run of ``CONFIGS[name]`` on ``corpus``, its output under ``tmp``; ``device``: where and how it runs."""
     spec = CONFIGS[name]
-    model = [f"model.{key}={value}" for key, value in spec["model"].items()]
+    model = [f"model.{key}={value}" for key, value in spec.get("model", {}).items()]
     return [
         "data=text_files", f"data.path={corpus}", "data.tokenizer=char", "data.split=contiguous",
         f"data.block_size={spec['block_size']}", f"data.batch_size={spec['batch_size']}", "data.eval_windows=8",
         *model, f"trainer.max_steps={spec['steps']}", f"trainer.val_check_interval={spec['steps'] + 1}",
-        *(["fabric.accelerator=cpu"] if fabric else ["trainer.num_sanity_val_steps=0", "trainer.accelerator=cpu"]),
+        *device,
         "test=false", "extras.print_config=false",
         "scheduler.warmup_steps=10", "sample.max_new_tokens=1",
         f"paths.log_dir={tmp}/logs", f"paths.data_dir={tmp}/data",
     ]
-
-
-def compose(overrides: list[str], config_name: str = "train"):
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-    from hydra.core.hydra_config import HydraConfig
-    from omegaconf import open_dict
-
-    from lmforge.config import CONFIG_DIR
-
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        cfg = hydra_compose(config_name, overrides=overrides, return_hydra_config=True)
-    out = Path(tempfile.mkdtemp(prefix="run-", dir=str(Path(cfg.paths.log_dir).parent)))
-    with open_dict(cfg):
-        cfg.hydra.runtime.output_dir = str(out)
-        cfg.hydra.job.num = 0
-    HydraConfig().set_config(cfg)
-    with open_dict(cfg):
-        cfg.paths.output_dir = str(out)
-        del cfg["hydra"]
-    return cfg
 
 
 def run_plain(name: str, cfg) -> list[float]:
@@ -167,11 +140,12 @@ def run_trainer(cfg) -> list[float]:
     from lmforge.train import train
 
     with open_dict(cfg):
-        cfg.callbacks.step_timer = {"_target_": "__main__.StepTimer"}
+        cfg.callbacks.step_timer = {"_target_": f"{StepTimer.__module__}.StepTimer"}
     train(cfg)
     return StepTimer.latest.times
 
 
+# [fabric]
 def run_fabric(cfg) -> list[float]:
     """(c) The Fabric loop, as `lmforge fabric` runs it, plus a step timer."""
     from omegaconf import open_dict
@@ -179,10 +153,11 @@ def run_fabric(cfg) -> list[float]:
     from lmforge.fabric_train import fit
 
     with open_dict(cfg):
-        cfg.callbacks.step_timer = {"_target_": "__main__.StepTimer"}
+        cfg.callbacks.step_timer = {"_target_": f"{StepTimer.__module__}.StepTimer"}
         cfg.trainer.checkpoint_every_n_steps = cfg.trainer.max_steps
     fit(cfg)
     return StepTimer.latest.times
+# [/fabric]
 
 
 def main() -> None:
@@ -203,7 +178,11 @@ def main() -> None:
         corpus = corpus_file(tmp)
         for name in args.configs:
             spec = CONFIGS[name]
-            step_times: dict[str, list[float]] = {"plain": [], "trainer": [], "fabric": []}
+            step_times: dict[str, list[float]] = {
+                "plain": [],
+                "trainer": [],
+                "fabric": [],  # [fabric]
+            }
             flops_per_step = None
             for _ in range(args.repeats):
                 cfg = compose(overrides_for(name, corpus, tmp))
@@ -212,8 +191,10 @@ def main() -> None:
                 cfg = compose(overrides_for(name, corpus, tmp))
                 times = run_trainer(cfg)
                 step_times["trainer"].append(median_window_seconds(times, spec["warmup"], spec["window"]))
-                times = run_fabric(compose(overrides_for(name, corpus, tmp, fabric=True), "fabric"))
+                # [fabric]
+                times = run_fabric(compose(overrides_for(name, corpus, tmp, ("fabric.accelerator=cpu",)), "fabric"))
                 step_times["fabric"].append(median_window_seconds(times, spec["warmup"], spec["window"]))
+                # [/fabric]
                 if flops_per_step is None:
                     from hydra.utils import instantiate
 
@@ -232,9 +213,8 @@ def main() -> None:
                     "mfu": flops_per_step / seconds / peak,
                     "rounds": values,
                 }
-            for path in ("trainer", "fabric"):
-                if path in result:
-                    result[path]["ratio_vs_plain"] = result["plain"]["ms_per_step"] / result[path]["ms_per_step"]
+            for path in result.keys() - {"plain"}:
+                result[path]["ratio_vs_plain"] = result["plain"]["ms_per_step"] / result[path]["ms_per_step"]
             payload["configs"][name] = result
             for path, r in result.items():
                 rows.append([

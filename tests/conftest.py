@@ -21,7 +21,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 # Marker comments name the part of the template a line needs (docs/cookiecutter.md).  # [template]
 TINY_MODEL = {
     "gpt": ["model=gpt", "model.n_layer=1", "model.n_head=2", "model.n_embd=32"],  # [gpt]
-    "lstm": ["model=lstm", "model.n_layer=1", "model.n_embd=32", "model.hidden_size=32"],  # [lstm]
+    "lstm": ["model=lstm", "model.n_layer=1", "model.n_embd=32", "model.hidden_size=32", "model.dropout=0.0"],  # [lstm]
 }
 # The model of the tests that work with any model: the first one this project has.
 DEFAULT_MODEL = next(iter(TINY_MODEL))

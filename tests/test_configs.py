@@ -27,17 +27,15 @@ def group_options() -> list[tuple[str, str]]:
     ]
 
 
-def needs_path(cfg) -> bool:
-    return "path" in cfg.data
-
-
 @pytest.mark.parametrize("group,option", group_options(), ids=lambda v: str(v))
 def test_group_option_composes_and_instantiates(group, option, tmp_path, corpus_dir):
+    # [gpt]
     if (group, option) == ("trainer", "fsdp1") and not torch.cuda.is_available():
         # The config composes and its strategy builds; a Trainer with it needs CUDA.
         strategy = instantiate(compose_config("train", ["trainer=fsdp1"], tmp_path).trainer.strategy)
         assert type(strategy).__name__ == "FSDPStrategy"
         pytest.skip("trainer=fsdp1 (Lightning's FSDPStrategy) needs a CUDA GPU; this machine has none")
+    # [/gpt]
     overrides = [f"{group}={option}"]
     if (group, option) == ("trainer", "gpu") and not torch.cuda.is_available():
         # Composes as written; the Trainer is built on the CPU because this machine has no GPU.

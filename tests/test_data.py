@@ -541,3 +541,17 @@ def test_datamodule_with_trainer(tmp_path, docs_dir):
     trainer.fit(model, datamodule=dm)
     assert trainer.global_step == 4
     assert model.val_batches > 0 and model.val_batches % 2 == 0  # each validation: 8 windows in 2 batches of 4
+
+
+def test_text_file_document_ids_do_not_depend_on_the_working_directory(tmp_path, monkeypatch):
+    """The seeded document split hashes document ids: they must name files relative to the corpus."""
+    corpus = tmp_path / "deep" / "corpus"
+    (corpus / "sub").mkdir(parents=True)
+    (corpus / "a.txt").write_text("alpha\n")
+    (corpus / "sub" / "b.txt").write_text("beta\n")
+    seen = []
+    for cwd in (tmp_path, corpus / "sub"):
+        monkeypatch.chdir(cwd)
+        seen.append([doc_id for doc_id, _ in TextFilesSource(str(corpus)).documents()])
+        seen.append([doc_id for doc_id, _ in TextFilesSource(str(corpus / "**" / "*.txt")).documents()])
+    assert all(ids == ["a.txt", "sub/b.txt"] for ids in seen), seen

@@ -26,10 +26,11 @@ from lmforge import config
 from lmforge.checkpoint import CheckpointError, is_sharded_checkpoint
 from lmforge.consolidate import consolidate
 from lmforge.eval import evaluate
-from lmforge.models import GPT, LSTMLanguageModel
+from lmforge.models import GPT  # [gpt]
+from lmforge.models import LSTMLanguageModel  # [lstm]
 from lmforge.parallel import (
     PrecisionError,
-    apply_block_options,
+    apply_block_options,  # [lstm]
     check_precision,
     cpu_count,
     is_sharded,
@@ -38,10 +39,12 @@ from lmforge.parallel import (
 )
 from lmforge.train import train
 
-from conftest import REPO_ROOT, compose_config, run_cli, tiny_train_overrides
+from conftest import DEFAULT_MODEL, REPO_ROOT, TINY_MODEL, compose_config, run_cli, tiny_train_overrides
 
 TESTS_DIR = Path(__file__).resolve().parent
 MAX_STEPS = 12  # of the tiny runs (conftest.TINY_RUN)
+# The multirun sweep trains the other model where the project has two, so DDP runs cover both.
+SWEEP_MODEL = list(TINY_MODEL)[-1]
 
 
 @pytest.fixture(scope="module")
@@ -103,11 +106,11 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def ddp_log_dir(tmp_path_factory, corpus_dir, data_dir) -> Path:
-    """A 2-process ``trainer=ddp_sim`` GPT run; peak_flops set so that MFU is logged, 37 eval
-    windows so that the ranks validate unequal shares (19 and 18 windows)."""
+    """A 2-process ``trainer=ddp_sim`` run; peak_flops set so that MFU is logged, 37 eval windows
+    so that the ranks validate unequal shares (19 and 18 windows)."""
     log_dir = tmp_path_factory.mktemp("ddp") / "logs"
     overrides = tiny_train_overrides(
-        corpus_dir, "gpt", "callbacks.throughput.peak_flops=1e11", "data.eval_windows=37", "test=false"
+        corpus_dir, DEFAULT_MODEL, "callbacks.throughput.peak_flops=1e11", "data.eval_windows=37", "test=false"
     )
     assert succeeded(run_cli("train", "trainer=ddp_sim", *overrides, *paths(log_dir, data_dir)))
     return log_dir
@@ -147,7 +150,7 @@ def test_ddp_validation_loss_equals_single_process_eval(ddp_log_dir, tmp_path):
 def test_multirun_sweep_with_ddp_sim_shares_rank_zero_dirs(corpus_dir, data_dir, tmp_path):
     """Under -m, Lightning's relaunched rank runs the sweep in step with rank 0, in rank 0's folders."""
     log_dir = tmp_path / "logs"
-    overrides = tiny_train_overrides(corpus_dir, "lstm", "model.dropout=0.0,0.1", "test=false")
+    overrides = tiny_train_overrides(corpus_dir, SWEEP_MODEL, "model.dropout=0.0,0.1", "test=false")
     assert succeeded(run_cli("train", "-m", "trainer=ddp_sim", *overrides, *paths(log_dir, data_dir)))
 
     assert [p.name for p in log_dir.iterdir()] == ["train"]
@@ -176,7 +179,7 @@ def test_two_nodes_simulated_with_torchrun(corpus_dir, data_dir, tmp_path):
                 sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
                 "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}", f"--node_rank={node}",
                 "-m", "lmforge", "train", "trainer=ddp", "trainer.num_nodes=2", "trainer.devices=1",
-                *tiny_train_overrides(corpus_dir, "gpt", "test=false"), *paths(log_dir, data_dir),
+                *tiny_train_overrides(corpus_dir, DEFAULT_MODEL, "test=false"), *paths(log_dir, data_dir),
             ],
             cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
             start_new_session=True,  # a process group per node: agent and worker stop together
@@ -203,11 +206,11 @@ def test_two_nodes_simulated_with_torchrun(corpus_dir, data_dir, tmp_path):
 
 @pytest.fixture(scope="module")
 def fsdp_run(tmp_path_factory, corpus_dir, data_dir) -> tuple[Path, Path]:
-    """A 2-process ``trainer=fsdp`` run of a 2-block GPT; returns (log dir, shard probe dir)."""
+    """A 2-process ``trainer=fsdp`` run of a 2-layer model; returns (log dir, shard probe dir)."""
     root = tmp_path_factory.mktemp("fsdp")
     log_dir, probe_dir = root / "logs", root / "probe"
     overrides = tiny_train_overrides(
-        corpus_dir, "gpt", "model.n_layer=2", "logger=csv", "test=false",
+        corpus_dir, DEFAULT_MODEL, "model.n_layer=2", "logger=csv", "test=false",
         "+callbacks.shard_probe._target_=shard_probe.ShardProbe", f"+callbacks.shard_probe.out_dir={probe_dir}",
     )
     python_path = os.pathsep.join(filter(None, [str(TESTS_DIR), os.environ.get("PYTHONPATH")]))
@@ -220,15 +223,15 @@ def fsdp_run(tmp_path_factory, corpus_dir, data_dir) -> tuple[Path, Path]:
 
 
 @pytest.mark.slow
-def test_fsdp_each_rank_holds_a_shard_of_each_block(fsdp_run):
+def test_fsdp_each_rank_holds_a_shard_of_every_parameter(fsdp_run):
     log_dir, probe_dir = fsdp_run
     records = [json.loads((probe_dir / f"rank{rank}.json").read_text()) for rank in (0, 1)]
     # run_cli sets OMP_NUM_THREADS=2; each of the 2 ranks gets at most its share of the cores.
     assert [record["threads"] for record in records] == [min(2, max(1, cpu_count() // 2))] * 2
     ranks = [record["params"] for record in records]
-    block_weights = [name for name in ranks[0] if name.startswith("blocks.0.") and name.endswith("weight")]
-    assert "blocks.0.attn.c_attn.weight" in block_weights
-    for name in [*block_weights, "wte.weight"]:
+    assert ranks[0].keys() == ranks[1].keys()
+    assert {"blocks.0.attn.c_attn.weight", "blocks.1.attn.c_attn.weight"} <= ranks[0].keys()  # [gpt]
+    for name in ranks[0]:
         rows = ranks[0][name]["shape"][0]
         for params in ranks:
             assert params[name]["placements"] == ["Shard(dim=0)"], name
@@ -245,7 +248,7 @@ def test_fsdp_sharded_checkpoint_resumes(fsdp_run, corpus_dir, data_dir):
     log_dir, _ = fsdp_run
     checkpoint = first_run_dir(log_dir) / "checkpoints" / "last.ckpt"
     overrides = tiny_train_overrides(
-        corpus_dir, "gpt", "model.n_layer=2", "logger=csv", "test=false", f"ckpt_path={checkpoint}",
+        corpus_dir, DEFAULT_MODEL, "model.n_layer=2", "logger=csv", "test=false", f"ckpt_path={checkpoint}",
         "trainer.max_steps=16", "trainer.log_every_n_steps=1",
     )
     assert succeeded(run_cli("train", "trainer=fsdp", "trainer.devices=2", *overrides, *paths(log_dir, data_dir)))
@@ -256,7 +259,7 @@ def test_fsdp_sharded_checkpoint_resumes(fsdp_run, corpus_dir, data_dir):
 
 @pytest.mark.slow
 def test_fsdp_checkpoint_consolidates_and_evaluates(fsdp_run, tmp_path):
-    log_dir, _ = fsdp_run
+    log_dir, probe_dir = fsdp_run
     run_dir = first_run_dir(log_dir)  # not the resumed run
     sharded = run_dir / "checkpoints" / "last.ckpt"
     result = run_cli("consolidate", f"ckpt_path={sharded}")
@@ -266,7 +269,10 @@ def test_fsdp_checkpoint_consolidates_and_evaluates(fsdp_run, tmp_path):
 
     checkpoint = torch.load(single_file, map_location="cpu", weights_only=True)
     assert checkpoint["global_step"] == MAX_STEPS and "optimizer_states" not in checkpoint
-    assert checkpoint["state_dict"]["net.blocks.0.attn.c_attn.weight"].shape == (96, 32)  # full, not a shard
+    probed = json.loads((probe_dir / "rank0.json").read_text())["params"]
+    full_shapes = {f"net.{name}": param["shape"] for name, param in probed.items()}
+    consolidated = {name: list(tensor.shape) for name, tensor in checkpoint["state_dict"].items()}
+    assert {name: consolidated.get(name) for name in full_shapes} == full_shapes  # every parameter whole, not a shard
     val_losses = csv_metric(run_dir, "val/loss")
     logged = val_losses[max(val_losses)]  # at the last step, as last.ckpt
     for path in (single_file, sharded):  # eval reads the sharded directory directly too
@@ -285,21 +291,34 @@ def one_process_group():
     dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("model", ["gpt", "lstm"])
-def test_shard_model_computes_what_the_plain_model_does(model, one_process_group):
-    """Blocks then root (GPT), or the root alone (LSTM): same logits, gradients, and generation."""
+@pytest.mark.parametrize(
+    "make,activation_checkpointing,units",
+    [
+        # [gpt]
+        # Each block a unit of its own (recomputing its activations in the backward pass), then the root.
+        pytest.param(
+            partial(GPT, vocab_size=50, block_size=16, n_layer=2, n_head=2, n_embd=32),
+            True, ["", "blocks.0", "blocks.1"], id="gpt",
+        ),
+        # [/gpt]
+        # [lstm]
+        # A network without blocks: the root is the one unit.
+        pytest.param(
+            partial(LSTMLanguageModel, vocab_size=50, n_embd=32, hidden_size=32, dropout=0.0),
+            False, [""], id="lstm",
+        ),
+        # [/lstm]
+    ],
+)
+def test_shard_model_computes_what_the_plain_model_does(make, activation_checkpointing, units, one_process_group):
+    """Sharded in place, a network computes the same logits, gradients and generation as before."""
     torch.manual_seed(0)
-    make = {
-        "gpt": partial(GPT, vocab_size=50, block_size=16, n_layer=2, n_head=2, n_embd=32),
-        "lstm": partial(LSTMLanguageModel, vocab_size=50, n_embd=32, hidden_size=32, dropout=0.0),
-    }[model]
     plain, sharded = make(), make()
     sharded.load_state_dict(plain.state_dict())
-    shard_model(sharded, one_process_group, activation_checkpointing=model == "gpt")
+    shard_model(sharded, one_process_group, activation_checkpointing=activation_checkpointing)
     assert is_sharded(sharded) and not is_sharded(plain)
     assert all(type(p).__name__ == "DTensor" for p in sharded.parameters())
-    units = [name for name, module in sharded.named_modules() if is_sharded(module)]
-    assert units == (["", "blocks.0", "blocks.1"] if model == "gpt" else [""])
+    assert [name for name, module in sharded.named_modules() if is_sharded(module)] == units
 
     idx = torch.randint(0, 50, (2, 16))
     torch.testing.assert_close(sharded(idx), plain(idx))
@@ -311,9 +330,11 @@ def test_shard_model_computes_what_the_plain_model_does(model, one_process_group
     assert torch.equal(sharded.generate(prompt, 8, temperature=0), plain.generate(prompt, 8, temperature=0))
 
 
+# [lstm]
 def test_block_options_need_transformer_blocks():
     with pytest.raises(ValueError, match="has none; set both to false"):
         apply_block_options(LSTMLanguageModel(vocab_size=10, n_embd=8, hidden_size=8), activation_checkpointing=True)
+# [/lstm]
 
 
 # --- Precision -------------------------------------------------------------------------------
@@ -358,7 +379,7 @@ def test_mixed_precision_dtypes():
 
 @pytest.mark.slow
 def test_impossible_precision_fails_before_data_preparation(corpus_dir, tmp_path):
-    overrides = tiny_train_overrides(corpus_dir, "gpt", "trainer.precision=16-mixed")
+    overrides = tiny_train_overrides(corpus_dir, DEFAULT_MODEL, "trainer.precision=16-mixed")
     result = run_cli("train", *overrides, *paths(tmp_path / "logs", tmp_path / "data"))
     assert result.returncode == 1
     assert result.stderr.strip().splitlines()[-1] == (
@@ -372,8 +393,8 @@ def test_bf16_mixed_trains_on_cpu(corpus_dir, tmp_path):
     # optimizer.fused=false: Lightning refuses gradient clipping with a fused optimizer under
     # mixed precision, and optimizer.fused=null picks the fused AdamW for plain tensors.
     overrides = tiny_train_overrides(
-        corpus_dir, "gpt", "trainer.precision=bf16-mixed", "trainer.max_steps=3", "trainer.val_check_interval=3",
-        "test=false", "logger=csv", "sample.max_new_tokens=4", "optimizer.fused=false",
+        corpus_dir, DEFAULT_MODEL, "trainer.precision=bf16-mixed", "trainer.max_steps=3",
+        "trainer.val_check_interval=3", "test=false", "logger=csv", "sample.max_new_tokens=4", "optimizer.fused=false",
     )
     metrics = train(compose_config("train", overrides, tmp_path))
     assert torch.isfinite(torch.tensor([metrics["train/loss"], metrics["val/loss"]])).all()
@@ -423,7 +444,7 @@ def test_slurm_script_launches_a_config_that_composes(tmp_path):
         "SLURM_NNODES": "2", "SLURM_NTASKS_PER_NODE": "8", "SLURM_JOB_ID": "4242",
     }
     script = REPO_ROOT / "scripts" / "slurm_train.sh"
-    subprocess.run(["bash", str(script), "model=lstm"], cwd=REPO_ROOT, env=env, check=True, timeout=60)
+    subprocess.run(["bash", str(script), "model.n_layer=3"], cwd=REPO_ROOT, env=env, check=True, timeout=60)
     command, task, *overrides = (tmp_path / "args").read_text().splitlines()
     assert (command, task) == ("lmforge", "train")
     assert "hydra.run.dir=${paths.log_dir}/${task_name}/slurm/4242" in overrides
@@ -432,4 +453,4 @@ def test_slurm_script_launches_a_config_that_composes(tmp_path):
     cfg = compose_config("train", overrides, tmp_path)
     assert (cfg.trainer.num_nodes, cfg.trainer.devices) == (2, 8)
     assert cfg.trainer.strategy._target_ == "lightning.pytorch.strategies.DDPStrategy"
-    assert cfg.model._target_.endswith("LSTMLanguageModel")
+    assert cfg.model.n_layer == 3  # the script's arguments reach the command line

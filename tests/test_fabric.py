@@ -50,8 +50,10 @@ def test_config_composes_with_shared_groups(tmp_path, corpus_dir):
     assert LoopSettings.from_config(cfg.trainer).max_steps == 77
     assert set(cfg.fabric) >= {"accelerator", "devices", "num_nodes", "strategy", "precision"}
 
+    # [gpt]
     experiment = compose_config("fabric", ["experiment=shakespeare_char", f"data.path={corpus_dir}"], tmp_path)
     assert experiment.trainer.max_steps == experiment.scheduler.max_steps == 2000
+    # [/gpt]
     assert LoopSettings.from_config(compose_config("fabric", ["debug=overfit"], tmp_path).trainer).max_steps == 100
 
 

@@ -39,7 +39,7 @@ from lmforge.prepare import prepare
 from lmforge.safety import AtomicCheckpointIO, NonFiniteLossGuard
 from lmforge.train import train
 
-from conftest import DEFAULT_MODEL, REPO_ROOT, compose_config, run_cli, tiny_train_overrides, write_corpus
+from conftest import DEFAULT_MODEL, REPO_ROOT, TINY_MODEL, compose_config, run_cli, tiny_train_overrides, write_corpus
 
 # A few optimizer steps with a periodic checkpoint every 2 of them and a CSV log of every step.
 SHORT_RUN = [
@@ -368,7 +368,7 @@ def test_cli_missing_corpus(prepared, tmp_path):
 @pytest.mark.parametrize(
     "override,fragments",
     [
-        ("model=transformerxl", ["Could not find 'model/transformerxl'", "Available options in 'model'", "gpt"]),
+        ("model=transformerxl", ["Could not find 'model/transformerxl'", "Available options in 'model'", *TINY_MODEL]),
         ("learning_rate=0.1", ["Could not override 'learning_rate'", "Key 'learning_rate' is not in struct"]),
     ],
 )

@@ -32,13 +32,17 @@ def test_fast_dev_run(model, tmp_path, corpus_dir):
 
 @pytest.mark.parametrize("model", list(TINY_MODEL))
 def test_overfit_drives_loss_down(model, tmp_path, corpus_dir):
+    # data.split=contiguous: the same batches in every session (the default split assigns documents by
+    # a hash of their path, which here includes the number of pytest's tmp dir).
     overrides = tiny_train_overrides(
         corpus_dir, model, "debug=overfit", "logger=csv", "trainer.log_every_n_steps=1", "trainer.max_steps=100",
-        "optimizer.lr=3e-3", "model.n_embd=64",
+        "optimizer.lr=3e-3", "model.n_embd=64", "data.split=contiguous",
     )
     # [lstm]
+    # Slower to learn these batches: 0.37 of the first loss after 100 steps, 0.05 after 200 (and 0.26 to
+    # 0.42 after 100 steps with the default split, depending on the tmp dir).
     if model == "lstm":
-        overrides += ["model.hidden_size=64", "model.dropout=0.0", "optimizer.lr=1e-2"]
+        overrides += ["model.hidden_size=64", "model.dropout=0.0", "optimizer.lr=1e-2", "trainer.max_steps=200"]
     # [/lstm]
     cfg = compose_config("train", overrides, tmp_path)
     train(cfg)
@@ -53,7 +57,6 @@ def test_resume_continues_exactly(tmp_path, corpus_dir):
         "logger=csv", "trainer.log_every_n_steps=1", "trainer.max_steps=12",
         "callbacks.periodic_checkpoint.every_n_train_steps=6", "callbacks.periodic_checkpoint.save_top_k=-1",
         "test=false",
-        "model.dropout=0.0",  # dropout's random state is not part of a checkpoint
     ]
     full_dir, resumed_dir = tmp_path / "full", tmp_path / "resumed"
     train(compose_config("train", tiny_train_overrides(corpus_dir, DEFAULT_MODEL, *common), full_dir))

@@ -38,6 +38,14 @@ def generate_text(
     return tokenizer.decode(out[0].tolist(), skip_special_tokens=False)
 
 
+def generate_sample(net: torch.nn.Module, tokenizer: Tokenizer, sample: Any, device: torch.device | str) -> str:
+    """:func:`generate_text` with the settings of a ``sample`` config node."""
+    return generate_text(
+        net, tokenizer, sample.prompt, sample.max_new_tokens,
+        temperature=sample.temperature, top_k=sample.top_k, seed=sample.seed, device=device,
+    )
+
+
 class TextSamples(L.Callback):
     """Logs a sample continuation of a fixed prompt to TensorBoard after each validation."""
 

@@ -28,7 +28,7 @@ from lightning.fabric.utilities.throughput import ThroughputMonitor
 from omegaconf import DictConfig
 from torchmetrics import MeanMetric
 
-from lmforge.callbacks import generate_text
+from lmforge.callbacks import generate_sample
 from lmforge.checkpoint import CheckpointError, resolve_checkpoint
 from lmforge.config import CONFIG_DIR, apply_extras, build_datamodule, instantiate_all, model_config, to_container
 from lmforge.errors import ConfigError, reported_errors
@@ -328,11 +328,7 @@ def _print_summary(
     # A sharded network's forward pass needs every rank: all of them sample, rank 0 prints.
     if not (fabric.is_global_zero or is_sharded(net)):
         return
-    sample = cfg.sample
-    text = generate_text(
-        net, tokenizer, sample.prompt, sample.max_new_tokens,
-        temperature=sample.temperature, top_k=sample.top_k, seed=sample.seed, device=fabric.device,
-    )
+    text = generate_sample(net, tokenizer, cfg.sample, fabric.device)
     if fabric.is_global_zero:
         tensorboard = next((lg for lg in fabric.loggers if isinstance(lg, TensorBoardLogger)), None)
         print_run_summary(

@@ -14,7 +14,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig
 
-from lmforge.callbacks import LMThroughputMonitor, generate_text
+from lmforge.callbacks import LMThroughputMonitor, generate_sample
 from lmforge.checkpoint import checkpoint_tokenizer
 from lmforge.config import (
     CONFIG_DIR,
@@ -67,23 +67,14 @@ def train(cfg: DictConfig) -> dict[str, float]:
         metrics.update({key: float(value) for key, value in trainer.callback_metrics.items()})
 
     # A sharded (FSDP) network runs only with every rank taking part; rank 0 prints.
-    sample = _sample(cfg, module) if trainer.is_global_zero or is_sharded(module.net) else None
+    sample = (
+        generate_sample(module.net, checkpoint_tokenizer(module), cfg.sample, module.device)
+        if trainer.is_global_zero or is_sharded(module.net)
+        else None
+    )
     if trainer.is_global_zero:
         _print_summary(trainer, metrics, best, fit_seconds, sample)
     return metrics
-
-
-def _sample(cfg: DictConfig, module: LMModule) -> str:
-    return generate_text(
-        module.net,
-        checkpoint_tokenizer(module),
-        cfg.sample.prompt,
-        cfg.sample.max_new_tokens,
-        temperature=cfg.sample.temperature,
-        top_k=cfg.sample.top_k,
-        seed=cfg.sample.seed,
-        device=module.device,
-    )
 
 
 def _print_summary(trainer: L.Trainer, metrics: dict, best: str, fit_seconds: float, sample: str) -> None:

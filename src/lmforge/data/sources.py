@@ -163,7 +163,9 @@ class TextFilesSource(_FileListSource):
 
     Relative paths are resolved against the working directory at construction. Directory walks
     and globs skip hidden files and keep only ``extensions`` (e.g. ``[".txt", ".md"]``) when given;
-    files named explicitly are always used. Document ids are paths relative to the working directory.
+    files named explicitly are always used. Document ids are paths relative to the deepest folder
+    that holds every entry (the directory given, a glob's fixed prefix, a file's folder), so the
+    seeded document split does not depend on the working directory or on where the corpus lives.
     """
 
     name = "text_files"
@@ -201,9 +203,22 @@ class TextFilesSource(_FileListSource):
             return [full]
         raise DataError(f"the data path {entry} does not exist (resolved to {full}); fix data.path")
 
+    def _root(self, entry: str) -> Path:
+        """The folder an entry's documents are named relative to."""
+        full = self.base / entry
+        if any(ch in entry for ch in "*?["):
+            fixed = []
+            for part in full.parts:
+                if any(ch in part for ch in "*?["):
+                    break
+                fixed.append(part)
+            return Path(*fixed)
+        return full if full.is_dir() else full.parent
+
     def files(self) -> list[tuple[str, Path]]:
         unique = {path.absolute(): None for entry in self.paths for path in self._expand(entry)}
-        files = [(os.path.relpath(path, self.base), path) for path in unique]
+        root = os.path.commonpath([self._root(entry).absolute() for entry in self.paths])
+        files = [(os.path.relpath(path, root), path) for path in unique]
         if all(path.stat().st_size == 0 for _, path in files):
             raise DataError(f"all {len(files)} file(s) of data.path {self.paths} are empty (0 bytes); add text to them")
         return files
