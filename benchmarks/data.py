@@ -113,7 +113,7 @@ def loader_wait_share(tmp: Path) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--big-mb", type=int, default=200, help="size of the generated corpus")
+    parser.add_argument("--big-mb", type=int, default=120, help="size of the generated corpus")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as name:
         tmp = Path(name)

@@ -23,11 +23,12 @@ def main() -> None:
     parser.add_argument("--quality", action="store_true", help="also run the 2000-step quality comparison")
     parser.add_argument("--ablation", action="store_true", help="with --quality: one run per lever")
     parser.add_argument("--quick", action="store_true", help="short throughput runs (smoke test)")
+    parser.add_argument("--collect-only", action="store_true", help="only rebuild RESULTS.md from results/")
     args = parser.parse_args()
     scripts = [["throughput.py", *(["--quick"] if args.quick else [])], ["data.py"], ["startup.py"], ["generate.py"]]
     if args.quality:
         scripts.append(["quality.py", *(["--ablation"] if args.ablation else [])])
-    for script in scripts:
+    for script in [] if args.collect_only else scripts:
         if not (HERE / script[0]).exists():  # a benchmark of a part this project was generated without
             print(f"== {script[0]}: not in this project, skipped", flush=True)
             continue

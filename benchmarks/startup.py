@@ -41,12 +41,15 @@ class FirstStepClock(L.Callback):
 def time_to_first_step(tmp: Path) -> float:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(BENCH_DIR), os.environ.get("PYTHONPATH", "")])}
     args = [
-        sys.executable, "-m", "lmforge", "train", "trainer.max_steps=2", "test=false",
+        sys.executable, "-m", "lmforge", "train", "trainer.max_steps=2", "scheduler.warmup_steps=1", "test=false",
         "+callbacks.first_step._target_=startup.FirstStepClock",
         f"paths.log_dir={tmp}/logs", f"paths.data_dir={tmp}/data",
     ]
     started = time.time()
-    out = subprocess.run(args, env=env, capture_output=True, text=True, check=True).stdout
+    run = subprocess.run(args, env=env, capture_output=True, text=True)
+    if run.returncode != 0:
+        sys.exit(f"lmforge train failed:\n{run.stderr[-3000:]}")
+    out = run.stdout
     first = next(float(line.split()[1]) for line in out.splitlines() if line.startswith("FIRST_STEP"))
     return first - started
 
