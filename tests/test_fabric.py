@@ -4,17 +4,21 @@ from __future__ import annotations
 
 import math
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+import lmforge.fabric_train
 from lmforge.checkpoint import CheckpointError
-from lmforge.fabric_train import LoopSettings, fit
+from lmforge.errors import NonFiniteLossError
+from lmforge.fabric_train import LoopSettings, build_fabric, fit
 from lmforge.train import train
 
 from conftest import DEFAULT_MODEL, REPO_ROOT, compose_config, run_cli, tiny_train_overrides
@@ -63,6 +67,7 @@ def test_config_composes_with_shared_groups(tmp_path, corpus_dir):
         ("debug=fdr", "trainer.fast_dev_run is a Lightning Trainer setting"),
         ("trainer.accumulate_grad_batches=0", "must be an integer >= 1"),
         ("trainer.gradient_clip_val=0", "must be > 0, or null"),
+        ("trainer.nonfinite_loss=ignore", "trainer.nonfinite_loss='ignore' must be one of stop, skip"),
     ],
 )
 def test_bad_loop_settings_are_refused_in_one_line(bad, message, tmp_path):
@@ -228,3 +233,127 @@ def test_fsdp_two_processes_shard_and_resume_exactly(tmp_path, corpus_dir):
         assert resumed_logged["train/loss"][step] == pytest.approx(full_logged["train/loss"][step], abs=1e-6)
         assert resumed_logged["lr"][step] == pytest.approx(full_logged["lr"][step])
     assert resumed_logged["val/loss"][4] == pytest.approx(full_logged["val/loss"][4], abs=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------
+# Faults: the Fabric loop shares the Trainer's signal handling and non-finite loss policy
+
+
+class SignalAtStep:
+    """Fabric callback for the tests: sends ``signum`` to this process after optimizer step ``step``."""
+
+    def __init__(self, signum: int, step: int) -> None:
+        self.signum = signum
+        self.step = step
+
+    def on_train_batch_end(self, fabric, step, loss) -> None:
+        if step == self.step:
+            assert signal.getsignal(self.signum) not in (signal.SIG_DFL, None), "unhandled: it would kill pytest"
+            os.kill(os.getpid(), self.signum)
+
+
+SHORT_FABRIC_RUN = [
+    "trainer.max_steps=6", "trainer.log_every_n_steps=1", "trainer.val_check_interval=6",
+    "trainer.checkpoint_every_n_steps=1", "test=false",
+]
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_signal_saves_a_checkpoint_that_resumes_exactly(signum, tmp_path, corpus_dir, capsys):
+    common = tiny_fabric_overrides(corpus_dir, *SHORT_FABRIC_RUN, "trainer.checkpoint_every_n_steps=100")
+    signal_at_step_3 = [
+        f"+callbacks.signal._target_={__name__}.SignalAtStep", f"+callbacks.signal.signum={int(signum)}",
+        "+callbacks.signal.step=3",
+    ]
+    with pytest.raises(SystemExit) as exit_info:
+        fit(compose_config("fabric", [*common, *signal_at_step_3], tmp_path / "stopped"))
+    assert exit_info.value.code == 128 + signum
+    assert signal.getsignal(signum) in (signal.SIG_DFL, signal.default_int_handler)  # handlers restored
+    checkpoints = tmp_path / "stopped" / "run" / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["step000003.ckpt"]
+    stderr = capsys.readouterr().err
+    assert f"training stopped by {signum.name} after step 3; saved a resumable checkpoint: {checkpoints}" in stderr
+    assert "resume with: lmforge fabric" in stderr and f"ckpt_path={checkpoints / 'step000003.ckpt'}" in stderr
+
+    fit(compose_config("fabric", common, tmp_path / "full"))
+    fit(compose_config("fabric", [*common, f"ckpt_path={checkpoints / 'step000003.ckpt'}"], tmp_path / "resumed"))
+    full, resumed = (scalars(tmp_path / name / "run" / "tensorboard") for name in ("full", "resumed"))
+    assert sorted(resumed["train/loss"]) == [3, 4, 5]
+    for step in (3, 4, 5):
+        assert resumed["train/loss"][step] == pytest.approx(full["train/loss"][step], abs=1e-6), step
+
+
+def test_nonfinite_loss_stops_before_the_update_or_skips_it(tmp_path, corpus_dir, monkeypatch, capsys):
+    original = lmforge.fabric_train.batch_loss
+    training_calls = 0
+
+    def nan_at_step_3(model, batch, ignore_index):
+        nonlocal training_calls
+        loss, count = original(model, batch, ignore_index)
+        if model.training:
+            training_calls += 1
+            if training_calls == 4:  # the micro-batch of step 3 (counted from 0, like the Trainer's global_step)
+                loss = loss * float("nan")
+        return loss, count
+
+    monkeypatch.setattr(lmforge.fabric_train, "batch_loss", nan_at_step_3)
+    with pytest.raises(NonFiniteLossError) as error:
+        fit(compose_config("fabric", tiny_fabric_overrides(corpus_dir, *SHORT_FABRIC_RUN), tmp_path / "stop"))
+    checkpoints = tmp_path / "stop" / "run" / "checkpoints"
+    assert "the training loss is NaN or infinite at step 3" in str(error.value)
+    assert f"the last good checkpoint is {checkpoints / 'step000003.ckpt'}" in str(error.value)
+    assert "set trainer.nonfinite_loss=skip" in str(error.value)
+    assert sorted(p.name for p in checkpoints.iterdir())[-1] == "step000003.ckpt"
+
+    training_calls = 0
+    skip = tiny_fabric_overrides(corpus_dir, *SHORT_FABRIC_RUN, "trainer.nonfinite_loss=skip")
+    fit(compose_config("fabric", skip, tmp_path / "skip"))
+    checkpoints = tmp_path / "skip" / "run" / "checkpoints"
+    before, after, final = (
+        torch.load(checkpoints / f"step{step:06d}.ckpt", weights_only=True) for step in (3, 4, 6)
+    )
+    for name, tensor in before["model"].items():  # step 3's update was skipped ...
+        assert torch.equal(after["model"][name], tensor), name
+    assert all(torch.isfinite(t).all() for t in final["model"].values())  # ... and training went on
+    assert final["skipped_steps"] == 1
+    assert scalars(tmp_path / "skip" / "run" / "tensorboard")["train/skipped_steps"][5] == 1
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_process_group_timeout_comes_from_the_config(strategy, tmp_path):
+    overrides = [f"fabric.strategy={strategy}", "fabric.devices=2", "fabric.accelerator=cpu"]
+    cfg = compose_config("fabric", [*overrides, "fabric.process_group_timeout=42"], tmp_path)
+    assert build_fabric(cfg).strategy._timeout.total_seconds() == 42
+    with pytest.raises(ValueError, match="fabric.process_group_timeout=0 must be > 0"):
+        build_fabric(compose_config("fabric", [*overrides, "fabric.process_group_timeout=0"], tmp_path))
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_rank_under_ddp_stops_every_rank_at_the_same_step(tmp_path, corpus_dir):
+    """`kill` reaches rank 0 only; both processes stop after the same step, and one checkpoint is saved."""
+    overrides = tiny_fabric_overrides(
+        corpus_dir, "fabric.strategy=ddp", "fabric.devices=2", "trainer.max_steps=100000",
+        "trainer.val_check_interval=100000", "trainer.checkpoint_every_n_steps=5",
+    )
+    stderr_file = tmp_path / "stderr.txt"
+    with open(stderr_file, "w") as stderr:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "lmforge", "fabric", *overrides, f"paths.log_dir={tmp_path}/logs"],
+            cwd=REPO_ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"}, stdout=subprocess.DEVNULL, stderr=stderr,
+        )
+    try:
+        deadline = time.monotonic() + 180
+        while not list(tmp_path.glob("logs/fabric/runs/*/checkpoints/step*.ckpt")):
+            assert process.poll() is None and time.monotonic() < deadline, stderr_file.read_text()[-3000:]
+            time.sleep(0.1)
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=60)
+    finally:
+        process.kill()
+        process.wait()
+    text = stderr_file.read_text()
+    assert process.returncode == 128 + signal.SIGTERM, text[-3000:]
+    assert "Traceback" not in text and text.count("training stopped by SIGTERM") == 1
+    saved = max(tmp_path.glob("logs/fabric/runs/*/checkpoints/step*.ckpt"))
+    step = torch.load(saved, weights_only=True)["step"]
+    assert f"training stopped by SIGTERM after step {step}; saved a resumable checkpoint: {saved}" in text

@@ -28,6 +28,10 @@ from lmforge.data.sources import DataError
 USER_ERROR_EXIT_CODE = 1
 # Failures to write or read a file that the user fixes (free space, permissions), not bugs.
 _USER_OS_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM})
+# How gloo and NCCL report a collective that another rank never joined (it hung or died).
+_COLLECTIVE_FAILURES = re.compile(
+    r"Timed out waiting \d+ms|Connection closed by peer|Connection reset by peer|collective operation timeout"
+)
 
 
 class ConfigError(ValueError):
@@ -48,6 +52,13 @@ def user_error_message(exc: BaseException) -> str | None:
         missing = re.search(r"Missing mandatory value: (\S+)", str(exc))
         key = missing[1] if missing else "a required value"
         return f"{key} is required; set it on the command line, e.g. {key}=..."
+    if isinstance(exc, RuntimeError) and (failure := _COLLECTIVE_FAILURES.search(str(exc))):
+        rank = os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))
+        return (
+            f"rank {rank}: a collective operation failed ({failure[0]}): another process of this job hung or died, "
+            "see its output; if steps legitimately take that long, raise the process-group timeout "
+            "(trainer.strategy.timeout.seconds, or fabric.process_group_timeout for lmforge fabric)"
+        )
     if isinstance(exc, OSError) and exc.errno in _USER_OS_ERRNOS:
         where = f" {exc.filename}" if exc.filename else ""
         return (

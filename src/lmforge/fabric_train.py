@@ -6,7 +6,8 @@ launcher: ``fabric run src/lmforge/fabric_train.py --devices=2 --strategy=ddp [o
 The model, loss, optimizer, schedule and data are those of ``lmforge train``; the loop is
 plain code: gradient accumulation, clipping, a per-step LR schedule, periodic validation,
 TensorBoard logging, throughput, and checkpoints (model, optimizer, scheduler, step) that
-resume exactly.
+resume exactly. As in ``lmforge train``, a NaN or infinite loss stops training (or skips the
+update) and SIGTERM or Ctrl-C saves a resumable checkpoint before exiting (:mod:`lmforge.safety`).
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, fields
+from datetime import timedelta
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +26,7 @@ import lightning as L
 import torch
 from hydra.utils import instantiate
 from lightning.fabric.loggers import TensorBoardLogger
-from lightning.fabric.strategies import ModelParallelStrategy
+from lightning.fabric.strategies import DDPStrategy, ModelParallelStrategy
 from lightning.fabric.utilities.throughput import ThroughputMonitor
 from omegaconf import DictConfig
 from torchmetrics import MeanMetric
@@ -36,7 +39,13 @@ from lmforge.loss import batch_loss, loss_and_perplexity
 from lmforge.optim import build_optimizer, gradient_norm
 from lmforge.parallel import is_sharded, limit_cpu_threads, mixed_precision_dtypes, shard_model
 from lmforge.report import print_run_summary
-from lmforge.safety import AtomicCheckpointIO
+from lmforge.safety import (
+    NONFINITE_ACTIONS,
+    AtomicCheckpointIO,
+    NonFiniteLossPolicy,
+    StopSignals,
+    report_interruption,
+)
 from lmforge.validation import validate_run_config
 
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -55,6 +64,7 @@ class LoopSettings:
     val_check_interval: int = 150
     log_every_n_steps: int = 10
     checkpoint_every_n_steps: int = 100
+    nonfinite_loss: str = "stop"
 
     @classmethod
     def from_config(cls, node: DictConfig) -> LoopSettings:
@@ -66,9 +76,13 @@ class LoopSettings:
                 f"remove it (the loop's settings: {', '.join(sorted(known))})"
             )
         settings = cls(**node)
-        for name in known - {"gradient_clip_val"}:
+        for name in known - {"gradient_clip_val", "nonfinite_loss"}:
             if not isinstance(getattr(settings, name), int) or getattr(settings, name) < 1:
                 raise ConfigError(f"trainer.{name}={getattr(settings, name)} must be an integer >= 1")
+        if settings.nonfinite_loss not in NONFINITE_ACTIONS:
+            raise ConfigError(
+                f"trainer.nonfinite_loss={settings.nonfinite_loss!r} must be one of {', '.join(NONFINITE_ACTIONS)}"
+            )
         if settings.gradient_clip_val is not None and not settings.gradient_clip_val > 0:
             raise ConfigError(
                 f"trainer.gradient_clip_val={settings.gradient_clip_val} must be > 0, or null for no clipping"
@@ -90,7 +104,7 @@ def fabric_settings(fabric_cfg: DictConfig) -> dict[str, Any]:
     return settings
 
 
-def fsdp_strategy(fabric_cfg: DictConfig, settings: dict[str, Any]) -> ModelParallelStrategy:
+def fsdp_strategy(fabric_cfg: DictConfig, settings: dict[str, Any], timeout: timedelta) -> ModelParallelStrategy:
     """FSDP2 data parallelism over all processes, sharding with :func:`lmforge.parallel.shard_model`."""
     try:
         world_size = int(settings["devices"]) * int(settings["num_nodes"])
@@ -110,7 +124,9 @@ def fsdp_strategy(fabric_cfg: DictConfig, settings: dict[str, Any]) -> ModelPara
     def shard(net: torch.nn.Module, device_mesh: Any) -> torch.nn.Module:
         return shard_model(net, device_mesh["data_parallel"], **options)
 
-    return ModelParallelStrategy(parallelize_fn=shard, data_parallel_size=world_size, tensor_parallel_size=1)
+    return ModelParallelStrategy(
+        parallelize_fn=shard, data_parallel_size=world_size, tensor_parallel_size=1, timeout=timeout
+    )
 
 
 def build_fabric(cfg: DictConfig) -> L.Fabric:
@@ -119,12 +135,19 @@ def build_fabric(cfg: DictConfig) -> L.Fabric:
     Objects in the ``callbacks`` node receive ``on_train_batch_end(fabric, step, loss)`` after
     each optimizer step and ``on_validation_results(fabric, step, metrics)`` after each validation.
     Checkpoint files are written atomically (:class:`~lmforge.safety.AtomicCheckpointIO`);
-    under FSDP each rank writes its own shard.
+    under FSDP each rank writes its own shard. Under ``ddp`` and ``fsdp`` a collective that
+    waits longer than ``fabric.process_group_timeout`` seconds fails the job.
     """
     settings = fabric_settings(cfg.fabric)
     plugins = [AtomicCheckpointIO()]
+    if not cfg.fabric.process_group_timeout > 0:
+        raise ConfigError(f"fabric.process_group_timeout={cfg.fabric.process_group_timeout} must be > 0 (seconds)")
+    timeout = timedelta(seconds=cfg.fabric.process_group_timeout)
     if settings["strategy"] == "fsdp":
-        settings["strategy"], plugins = fsdp_strategy(cfg.fabric, settings), []
+        settings["strategy"], plugins = fsdp_strategy(cfg.fabric, settings, timeout), []
+    elif settings["strategy"] == "ddp":
+        settings["strategy"] = DDPStrategy(timeout=timeout)
+    if not isinstance(settings["strategy"], str):
         # Fabric refuses a strategy object that differs from a --strategy flag; the object is that flag.
         os.environ.pop("LT_STRATEGY", None)
     return L.Fabric(
@@ -135,19 +158,10 @@ def build_fabric(cfg: DictConfig) -> L.Fabric:
     )
 
 
-def train_step(
-    fabric: L.Fabric,
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    batches: Iterator[Batch],
-    loop: LoopSettings,
-    ignore_index: int,
-    measure_grad_norm: bool,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """One optimizer step over ``accumulate_grad_batches`` micro-batches.
-
-    Returns the mean micro-batch loss and, when asked, the gradient norm before clipping.
-    """
+def accumulate_gradients(
+    fabric: L.Fabric, model: torch.nn.Module, batches: Iterator[Batch], loop: LoopSettings, ignore_index: int
+) -> torch.Tensor:
+    """Forward and backward passes over ``accumulate_grad_batches`` micro-batches; returns their mean loss."""
     losses = []
     for micro_batch in range(loop.accumulate_grad_batches):
         # Gradients are all-reduced only in the backward pass of the last micro-batch.
@@ -156,12 +170,23 @@ def train_step(
             loss, _ = batch_loss(model, next(batches), ignore_index)
             fabric.backward(loss / loop.accumulate_grad_batches)
         losses.append(loss.detach())
+    return torch.stack(losses).mean()
+
+
+def optimizer_step(
+    fabric: L.Fabric,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    loop: LoopSettings,
+    measure_grad_norm: bool,
+) -> torch.Tensor | None:
+    """Clip the gradients (if configured) and update; returns the gradient norm before clipping when asked."""
     norm = unscaled_gradient_norm(fabric, model) if measure_grad_norm else None
     if loop.gradient_clip_val is not None:
         fabric.clip_gradients(model, optimizer, max_norm=loop.gradient_clip_val)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return torch.stack(losses).mean(), norm
+    return norm
 
 
 def unscaled_gradient_norm(fabric: L.Fabric, model: torch.nn.Module) -> torch.Tensor | None:
@@ -230,7 +255,7 @@ def fit(cfg: DictConfig) -> dict[str, float]:
 
     # The scheduler travels as its state dict: Fabric restores objects other than the model and
     # optimizer in place from single-file checkpoints only, not from FSDP's sharded ones.
-    state = {"model": model, "optimizer": optimizer, "scheduler": None, "step": 0}
+    state = {"model": model, "optimizer": optimizer, "scheduler": None, "step": 0, "skipped_steps": 0}
     ckpt_path = resolve_checkpoint(cfg.ckpt_path, Path(cfg.paths.log_dir) / cfg.task_name)
     if ckpt_path:
         try:
@@ -244,6 +269,8 @@ def fit(cfg: DictConfig) -> dict[str, float]:
             scheduler.load_state_dict(state["scheduler"])
         fabric.print(f"resumed from {ckpt_path} at step {state['step']}")
     start_step = state["step"]
+    nonfinite = NonFiniteLossPolicy(loop.nonfinite_loss, setting="trainer.nonfinite_loss")
+    nonfinite.skipped_steps = state["skipped_steps"]
     metadata = {"tokenizer": datamodule.tokenizer_json, "data": to_container(cfg.data), "model": net_config}
 
     def loader(dataloader: torch.utils.data.DataLoader) -> Any:
@@ -263,43 +290,63 @@ def fit(cfg: DictConfig) -> dict[str, float]:
     metrics: dict[str, float] = {}
     last_checkpoint = None
     train_seconds = 0.0
+    any_rank = partial(fabric.strategy.reduce_boolean_decision, all=False)  # a collective: every rank calls it
+    signals = StopSignals()
+    signals.install()
+    try:
+        for step in range(start_step, loop.max_steps):
+            done = step + 1
+            log_now = done % loop.log_every_n_steps == 0
+            lr = optimizer.param_groups[0]["lr"]
+            started = time.perf_counter()
+            loss = accumulate_gradients(fabric, model, batches, loop, cfg.ignore_index)
+            if any_rank(not torch.isfinite(loss).item()):
+                nonfinite.handle(step, last_checkpoint)  # raises, unless the action is skip
+                optimizer.zero_grad(set_to_none=True)
+                norm = None
+            else:
+                norm = optimizer_step(fabric, model, optimizer, loop, log_now)
+            if scheduler is not None:
+                scheduler.step()
+            train_seconds += time.perf_counter() - started
+            fabric.call("on_train_batch_end", fabric=fabric, step=done, loss=loss)
 
-    for step in range(start_step, loop.max_steps):
-        done = step + 1
-        log_now = done % loop.log_every_n_steps == 0
-        lr = optimizer.param_groups[0]["lr"]
-        started = time.perf_counter()
-        loss, norm = train_step(fabric, model, optimizer, batches, loop, cfg.ignore_index, log_now)
-        if scheduler is not None:
-            scheduler.step()
-        train_seconds += time.perf_counter() - started
-        fabric.call("on_train_batch_end", fabric=fabric, step=done, loss=loss)
-
-        steps_run = done - start_step
-        throughput.update(
-            time=train_seconds,
-            batches=steps_run * loop.accumulate_grad_batches,
-            samples=steps_run * loop.accumulate_grad_batches * datamodule.batch_size,
-            lengths=steps_run * tokens_per_step,
-            flops=flops_per_token * tokens_per_step,
-        )
-        if log_now:
-            logged = {"train/loss": loss, "lr": lr, "train/tokens": float(done * tokens_per_step * world_size)}
-            if norm is not None:
-                logged["train/grad_norm"] = norm
-            logged.update({f"train/{key}": value for key, value in throughput.compute().items()})
-            fabric.log_dict(logged, step=step)
-            metrics["train/loss"] = loss.item()
-            fabric.print(f"step {done}/{loop.max_steps}  train/loss {metrics['train/loss']:.4f}  lr {lr:.3g}")
-        if done % loop.val_check_interval == 0 or done == loop.max_steps:
-            val_loss, val_ppl = evaluate(fabric, model, val_loader, eval_loss, cfg.ignore_index)
-            metrics.update({"val/loss": val_loss.item(), "val/ppl": val_ppl.item()})
-            fabric.log_dict({"val/loss": val_loss, "val/ppl": val_ppl}, step=done)
-            fabric.print(f"step {done}/{loop.max_steps}  val/loss {val_loss.item():.4f}  val/ppl {val_ppl.item():.2f}")
-            fabric.call("on_validation_results", fabric=fabric, step=done, metrics=metrics)
-        if done % loop.checkpoint_every_n_steps == 0 or done == loop.max_steps:
-            state.update(step=done, scheduler=scheduler.state_dict() if scheduler is not None else None)
-            last_checkpoint = save_checkpoint(fabric, checkpoint_dir, {**state, "lmforge": metadata})
+            steps_run = done - start_step
+            throughput.update(
+                time=train_seconds,
+                batches=steps_run * loop.accumulate_grad_batches,
+                samples=steps_run * loop.accumulate_grad_batches * datamodule.batch_size,
+                lengths=steps_run * tokens_per_step,
+                flops=flops_per_token * tokens_per_step,
+            )
+            if log_now:
+                logged = {"train/loss": loss, "lr": lr, "train/tokens": float(done * tokens_per_step * world_size)}
+                if norm is not None:
+                    logged["train/grad_norm"] = norm
+                if nonfinite.skipped_steps:
+                    logged["train/skipped_steps"] = float(nonfinite.skipped_steps)
+                logged.update({f"train/{key}": value for key, value in throughput.compute().items()})
+                fabric.log_dict(logged, step=step)
+                metrics["train/loss"] = loss.item()
+                fabric.print(f"step {done}/{loop.max_steps}  train/loss {metrics['train/loss']:.4f}  lr {lr:.3g}")
+            if done % loop.val_check_interval == 0 or done == loop.max_steps:
+                val_loss, val_ppl = evaluate(fabric, model, val_loader, eval_loss, cfg.ignore_index)
+                metrics.update({"val/loss": val_loss.item(), "val/ppl": val_ppl.item()})
+                fabric.log_dict({"val/loss": val_loss, "val/ppl": val_ppl}, step=done)
+                val_text = f"val/loss {metrics['val/loss']:.4f}  val/ppl {metrics['val/ppl']:.2f}"
+                fabric.print(f"step {done}/{loop.max_steps}  {val_text}")
+                fabric.call("on_validation_results", fabric=fabric, step=done, metrics=metrics)
+            stop = signals.stop_now(any_rank)  # SIGTERM or Ctrl-C on any rank
+            if stop or done % loop.checkpoint_every_n_steps == 0 or done == loop.max_steps:
+                scheduler_state = scheduler.state_dict() if scheduler is not None else None
+                state.update(step=done, scheduler=scheduler_state, skipped_steps=nonfinite.skipped_steps)
+                last_checkpoint = save_checkpoint(fabric, checkpoint_dir, {**state, "lmforge": metadata})
+            if stop:
+                if fabric.is_global_zero:
+                    report_interruption(signals.signum, done, last_checkpoint, "fabric")
+                raise SystemExit(128 + signals.signum)
+    finally:
+        signals.uninstall()
 
     if cfg.test:
         test_loader = loader(datamodule.eval_loader("test", rank, world_size))

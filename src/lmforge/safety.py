@@ -6,12 +6,12 @@ and a guard against non-finite losses.
   leaves the old file or the new one, never a torn one. (Lightning's own writer stages the file
   in the system temp directory and moves it, which is a copy, not a rename, when that is
   another file system, and does not fsync.)
-* :class:`InterruptCheckpoint` builds on Lightning's signal handling: on SIGTERM Lightning sets
-  ``trainer.received_sigterm`` and its loops stop after the current batch by raising
-  ``SIGTERMException``; this callback then saves a resumable checkpoint and says how to resume.
-  A first Ctrl-C is turned into that same SIGTERM path.
-* :class:`NonFiniteLossGuard` stops training (or skips the update) when the loss is NaN or
-  infinite, before the optimizer step, so the weights and the last checkpoint stay good.
+* :class:`StopSignals` turns SIGTERM and a first Ctrl-C into a stop at the next step boundary
+  that all ranks agree on; :class:`InterruptCheckpoint` (the Trainer) and the Fabric loop then
+  save a resumable checkpoint and say how to resume.
+* :class:`NonFiniteLossPolicy` stops training (or skips the update) when the loss is NaN or
+  infinite, before the optimizer step, so the weights and the last checkpoint stay good;
+  :class:`NonFiniteLossGuard` applies it in the Trainer, the Fabric loop calls it directly.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
 from lightning.fabric.plugins import TorchCheckpointIO
-from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from lmforge.checkpoint import CheckpointError
@@ -96,65 +96,114 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         atomic_save(checkpoint, path)
 
 
-def resume_command(ckpt_path: str | Path) -> str:
+def resume_command(ckpt_path: str | Path, command: str = "train") -> str:
     """The command line that resumes this run from ``ckpt_path`` (its overrides plus ``ckpt_path``)."""
     overrides = []
     if HydraConfig.initialized():
         overrides = [o for o in HydraConfig.get().overrides.task if not o.startswith("ckpt_path=")]
-    return shlex.join(["lmforge", "train", *overrides, f"ckpt_path={ckpt_path}"])
+    return shlex.join(["lmforge", command, *overrides, f"ckpt_path={ckpt_path}"])
+
+
+def report_interruption(signum: int, step: int, path: Path, command: str) -> None:
+    """Say on stderr which signal stopped training, where the checkpoint is and how to resume."""
+    print(
+        f"training stopped by {signal.Signals(signum).name} after step {step}; "
+        f"saved a resumable checkpoint: {path}\nresume with: {resume_command(path, command)}",
+        file=sys.stderr,
+        flush=True,
+    )
+
+
+class StopSignals:
+    """SIGTERM and a first Ctrl-C, turned into a request to stop at the next step boundary.
+
+    The handlers only record the signal: the training loop calls :meth:`stop_now` after each
+    optimizer step, and there the ranks agree (a signal on any rank stops all of them at the
+    same step), so that every rank takes part in saving the checkpoint. Nothing runs a
+    collective inside a signal handler. A second Ctrl-C raises ``KeyboardInterrupt`` at once.
+    Used by :class:`InterruptCheckpoint` and by the Fabric loop.
+    """
+
+    HANDLED = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def install(self) -> None:
+        """Handle the signals in this process (a no-op outside the main thread, where Python cannot)."""
+        if threading.current_thread() is not threading.main_thread() or self._previous:
+            return
+        self.signum = None
+        for signum in self.HANDLED:
+            self._previous[signum] = signal.signal(signum, self._on_signal)
+
+    def uninstall(self) -> None:
+        """Put back the handlers that were there before :meth:`install`."""
+        for signum, previous in self._previous.items():
+            if signal.getsignal(signum) == self._on_signal:
+                signal.signal(signum, previous if previous is not None else signal.SIG_DFL)
+        self._previous = {}
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        if signum == signal.SIGINT:
+            # The next Ctrl-C goes to the previous handler (KeyboardInterrupt): stop at once.
+            previous = self._previous.get(signal.SIGINT)
+            signal.signal(signal.SIGINT, previous if previous is not None else signal.default_int_handler)
+            print("\nCtrl-C: stopping after this step to save a checkpoint (Ctrl-C again: stop now)", file=sys.stderr)
+        if self.signum is None:
+            self.signum = signum
+
+    def stop_now(self, any_rank: Callable[[bool], bool]) -> bool:
+        """Whether a signal reached any rank; ``any_rank(flag)`` is the collective that tells (all ranks call it)."""
+        stop = any_rank(self.signum is not None)
+        if stop and self.signum is None:
+            self.signum = signal.SIGTERM  # another rank received it: exit as if this one had
+        return stop
 
 
 class InterruptCheckpoint(L.Callback):
-    """On SIGTERM or a first Ctrl-C: stop after the current step, save a resumable checkpoint
+    """On SIGTERM or a first Ctrl-C: stop after the current optimizer step, save a resumable checkpoint
     ``dirpath/filename.ckpt``, print the command that resumes, and exit with 128 + the signal number.
 
-    SIGTERM is what SLURM sends at preemption or time-out and what ``kill`` sends. Lightning
-    handles it (see the module docstring); this callback adds the checkpoint and the message.
-    A second Ctrl-C stops at once, through Lightning's KeyboardInterrupt handling, without a
-    checkpoint. ``filename`` may use ``{step}``.
+    SIGTERM is what SLURM sends at preemption or time-out and what ``kill`` sends. While training
+    runs, :class:`StopSignals` replaces Lightning's SIGTERM handler, which broadcasts from inside
+    the handler and lets ranks stop at different steps (a hang until the process-group timeout
+    under DDP). ``filename`` may use ``{step}``.
     """
 
     def __init__(self, dirpath: str, filename: str = "interrupted-step{step:06d}") -> None:
         self.dirpath = dirpath
         self.filename = filename
-        self.signal = signal.SIGTERM
-        self._previous_sigint_handler: Any = signal.default_int_handler
+        self.signals = StopSignals()
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if threading.current_thread() is threading.main_thread():
-            previous = signal.signal(signal.SIGINT, self._on_first_sigint)
-            self._previous_sigint_handler = previous if previous is not None else signal.default_int_handler
+        self.signals.install()
 
-    def _on_first_sigint(self, signum: int, frame: Any) -> None:
-        self.signal = signal.SIGINT
-        self._restore_sigint_handler()
-        print("\nCtrl-C: stopping after this step to save a checkpoint (Ctrl-C again: stop now)", file=sys.stderr)
-        os.kill(os.getpid(), signal.SIGTERM)  # Lightning's SIGTERM path: stop after the current batch
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if (batch_idx + 1) % trainer.accumulate_grad_batches != 0:
+            return  # between the micro-batches of one optimizer step
 
-    def _restore_sigint_handler(self) -> None:
-        if signal.getsignal(signal.SIGINT) == self._on_first_sigint:
-            signal.signal(signal.SIGINT, self._previous_sigint_handler)
+        def any_rank(flag: bool) -> bool:
+            return trainer.strategy.reduce_boolean_decision(flag, all=False) if trainer.world_size > 1 else flag
+
+        if self.signals.stop_now(any_rank):
+            raise SIGTERMException  # Lightning's way out of the loops; on_exception saves the checkpoint
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._restore_sigint_handler()
+        self.signals.uninstall()
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
-        self._restore_sigint_handler()
-        if not isinstance(exception, SIGTERMException):
+        self.signals.uninstall()
+        if not isinstance(exception, SIGTERMException) or self.signals.signum is None:
             return
         path = Path(self.dirpath, self.filename.format(step=trainer.global_step) + ".ckpt")
         trainer.save_checkpoint(path, weights_only=False)  # all ranks take part: they stopped at the same step
-        exception.code = 128 + self.signal  # SIGTERMException is a SystemExit: this is the exit status
-        self._report(trainer.global_step, path)
-
-    @rank_zero_only
-    def _report(self, step: int, path: Path) -> None:
-        print(
-            f"training stopped by {signal.Signals(self.signal).name} after step {step}; "
-            f"saved a resumable checkpoint: {path}\nresume with: {resume_command(path)}",
-            file=sys.stderr,
-            flush=True,
-        )
+        exception.code = 128 + self.signals.signum  # SIGTERMException is a SystemExit: this is the exit status
+        if trainer.is_global_zero:
+            report_interruption(self.signals.signum, trainer.global_step, path, "train")
 
 
 def newest_saved_checkpoint(trainer: L.Trainer) -> Path | None:
@@ -166,23 +215,52 @@ def newest_saved_checkpoint(trainer: L.Trainer) -> Path | None:
     return max(existing, key=lambda p: p.stat().st_mtime) if existing else None
 
 
+class NonFiniteLossPolicy:
+    """What a training loop does when a step's loss is NaN or infinite, before the optimizer step.
+
+    ``action="stop"``: :meth:`handle` raises :class:`~lmforge.errors.NonFiniteLossError` naming
+    the step and the last good checkpoint. ``action="skip"``: it counts the step and returns; the
+    loop then drops the step's gradients so the weights stay as they were. ``setting`` is the
+    config key of ``action``, for the messages. Shared by :class:`NonFiniteLossGuard` and the
+    Fabric loop.
+    """
+
+    def __init__(self, action: str = "stop", setting: str = "callbacks.nonfinite_loss.action") -> None:
+        if action not in NONFINITE_ACTIONS:
+            raise ConfigError(f"{setting}={action!r} must be one of {', '.join(NONFINITE_ACTIONS)}")
+        self.action = action
+        self.setting = setting
+        self.skipped_steps = 0
+
+    def handle(self, step: int, last_good: Path | None) -> None:
+        """Act on a non-finite loss at ``step`` (stop: raise; skip: count and warn)."""
+        if self.action == "stop":
+            fix = (
+                f"the last good checkpoint is {last_good}: resume from it (ckpt_path=...) with e.g. a lower optimizer.lr"
+                if last_good
+                else "no checkpoint was saved yet: try e.g. a lower optimizer.lr"
+            )
+            raise NonFiniteLossError(
+                f"the training loss is NaN or infinite at step {step}, so training stopped before that step's update; "
+                f"{fix}, or set {self.setting}=skip to skip such steps"
+            )
+        self.skipped_steps += 1
+        rank_zero_warn(f"the training loss is NaN or inf at step {step}: update skipped ({self.skipped_steps} so far)")
+
+
 class NonFiniteLossGuard(L.Callback):
     """Acts when a training loss is NaN or infinite, before the optimizer step that would use it.
 
-    ``action="stop"`` raises :class:`~lmforge.errors.NonFiniteLossError` naming the step and the
-    last good checkpoint (the weights were not updated, and no checkpoint of this step is written).
-    ``action="skip"`` drops that step's gradients, so the optimizer leaves the weights alone
-    (the step still counts, like the schedule and the data), and counts the skipped steps
-    (logged as ``train/skipped_steps``, kept in checkpoints). Under data parallelism the ranks
-    agree: a non-finite loss on any rank acts on all.
+    ``action="stop"`` stops training with an error naming the step and the last good checkpoint
+    (the weights were not updated, and no checkpoint of this step is written). ``action="skip"``
+    drops that step's gradients, so the optimizer leaves the weights alone (the step still
+    counts, like the schedule and the data), and counts the skipped steps (logged as
+    ``train/skipped_steps``, kept in checkpoints). Under data parallelism the ranks agree: a
+    non-finite loss on any rank acts on all. See :class:`NonFiniteLossPolicy`.
     """
 
     def __init__(self, action: str = "stop") -> None:
-        if action not in NONFINITE_ACTIONS:
-            choices = ", ".join(NONFINITE_ACTIONS)
-            raise ConfigError(f"callbacks.nonfinite_loss.action={action!r} must be one of {choices}")
-        self.action = action
-        self.skipped_steps = 0
+        self.policy = NonFiniteLossPolicy(action)
         self._nonfinite: torch.Tensor | None = None  # any non-finite loss since the last optimizer step
 
     def on_before_backward(self, trainer: L.Trainer, pl_module: L.LightningModule, loss: torch.Tensor) -> None:
@@ -198,26 +276,14 @@ class NonFiniteLossGuard(L.Callback):
             nonfinite = trainer.strategy.reduce_boolean_decision(nonfinite, all=False)
         if not nonfinite:
             return
-        step = trainer.global_step
-        if self.action == "stop":
-            last_good = newest_saved_checkpoint(trainer)
-            fix = (
-                f"the last good checkpoint is {last_good}: resume from it (ckpt_path=...) with e.g. a lower optimizer.lr"
-                if last_good
-                else "no checkpoint was saved yet: try e.g. a lower optimizer.lr"
-            )
-            raise NonFiniteLossError(
-                f"the training loss is NaN or infinite at step {step}, so training stopped before that step's update; "
-                f"{fix}, or set callbacks.nonfinite_loss.action=skip to skip such steps"
-            )
+        last_good = newest_saved_checkpoint(trainer) if self.policy.action == "stop" else None
+        self.policy.handle(trainer.global_step, last_good)
         for param in pl_module.parameters():
             param.grad = None
-        self.skipped_steps += 1
-        rank_zero_warn(f"the training loss is NaN or inf at step {step}: update skipped ({self.skipped_steps} so far)")
-        pl_module.log("train/skipped_steps", float(self.skipped_steps), on_step=True, on_epoch=False)
+        pl_module.log("train/skipped_steps", float(self.policy.skipped_steps), on_step=True, on_epoch=False)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"skipped_steps": self.skipped_steps}
+        return {"skipped_steps": self.policy.skipped_steps}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.skipped_steps = state_dict.get("skipped_steps", 0)
+        self.policy.skipped_steps = state_dict.get("skipped_steps", 0)
