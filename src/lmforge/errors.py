@@ -57,7 +57,9 @@ def user_error_message(exc: BaseException) -> str | None:
         return (
             f"rank {rank}: a collective operation failed ({failure[0]}): another process of this job hung or died, "
             "see its output; if steps legitimately take that long, raise the process-group timeout "
-            "(trainer.strategy.timeout.seconds, or fabric.process_group_timeout for lmforge fabric)"
+            "(trainer.strategy.timeout.seconds"
+            ", or fabric.process_group_timeout for lmforge fabric"  # [fabric]
+            ")"
         )
     if isinstance(exc, OSError) and exc.errno in _USER_OS_ERRNOS:
         where = f" {exc.filename}" if exc.filename else ""
