@@ -2,7 +2,10 @@
 
 Models are freshly initialized (speed does not depend on the weights) at the default
 experiment's size and at a larger GPT; greedy decoding of one sequence on the CPU, the
-way `lmforge generate` runs it.
+way `lmforge generate` runs it. Without the cache every new token re-runs the whole context,
+which is at most ``block_size`` tokens: the cache's speed-up grows with the context, so the
+default model is also measured with a 512-token context (``block_size=512``), where all 512
+new tokens stay in view.
 
     python benchmarks/generate.py [--new-tokens 512]
 """
@@ -26,6 +29,7 @@ from lmforge.models import LSTMLanguageModel  # noqa: E402  # [lstm]
 # name -> (build the model, whether it has a KV cache to compare with recomputing the context)
 MODELS = {
     "gpt default (4x192, block 128)": (lambda: GPT(4096, block_size=128, n_layer=4, n_head=4, n_embd=192), True),  # [gpt]
+    "gpt 4x192, block 512": (lambda: GPT(4096, block_size=512, n_layer=4, n_head=4, n_embd=192), True),  # [gpt]
     "gpt 6x384, block 256": (lambda: GPT(4096, block_size=256, n_layer=6, n_head=6, n_embd=384), True),  # [gpt]
     "lstm default (2x256)": (lambda: LSTMLanguageModel(4096, n_embd=256, hidden_size=256, n_layer=2), False),  # [lstm]
 }
