@@ -73,28 +73,15 @@ def corpus_file(tmp: Path) -> Path:
 
 
 def compose(overrides: list[str], config_name: str = "train"):
-    """The config ``config_name`` with ``overrides``, composed as the CLI would, its run directory a
-    fresh folder next to ``paths.log_dir``."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-    from hydra.core.hydra_config import HydraConfig
-    from omegaconf import open_dict
+    """The config ``config_name`` with ``overrides`` (which set ``paths.log_dir``), composed as the CLI
+    would, its run directory a fresh folder next to ``paths.log_dir``."""
+    from omegaconf import OmegaConf
 
-    from lmforge.config import CONFIG_DIR
+    from lmforge.config import compose_in_process
 
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        cfg = hydra_compose(config_name, overrides=overrides, return_hydra_config=True)
-    out = Path(tempfile.mkdtemp(prefix="run-", dir=str(Path(cfg.paths.log_dir).parent)))
-    with open_dict(cfg):
-        cfg.hydra.runtime.output_dir = str(out)
-        cfg.hydra.job.num = 0
-    HydraConfig().set_config(cfg)
-    with open_dict(cfg):
-        cfg.paths.output_dir = str(out)
-        del cfg["hydra"]
-    return cfg
+    log_dir = OmegaConf.from_dotlist([o for o in overrides if o.startswith("paths.log_dir=")]).paths.log_dir
+    out = tempfile.mkdtemp(prefix="run-", dir=str(Path(log_dir).parent))
+    return compose_in_process(config_name, overrides, out)
 
 
 def median_window_seconds(step_times: list[float], warmup: int, window: int) -> float:

@@ -8,12 +8,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig
 
-from lmforge.config import CONFIG_DIR
+from lmforge.config import compose_in_process
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -66,24 +63,9 @@ def corpus_dir(tmp_path_factory) -> Path:
 
 
 def compose_config(config_name: str, overrides: list[str], tmp_path: Path) -> DictConfig:
-    """Compose a config as the CLI would, with every output under ``tmp_path``."""
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        cfg = compose(
-            config_name,
-            overrides=[f"paths.log_dir={tmp_path}/logs", f"paths.data_dir={tmp_path}/data", *overrides],
-            return_hydra_config=True,
-        )
-    output_dir = tmp_path / "run"
-    output_dir.mkdir(parents=True, exist_ok=True)
-    with open_dict(cfg):
-        cfg.hydra.runtime.output_dir = str(output_dir)
-        cfg.hydra.job.num = 0
-    HydraConfig().set_config(cfg)
-    with open_dict(cfg):
-        cfg.paths.output_dir = str(output_dir)
-        del cfg["hydra"]
-    return cfg
+    """Compose a config as the CLI would, with every output under ``tmp_path`` (run dir ``tmp_path/run``)."""
+    paths = [f"paths.log_dir={tmp_path}/logs", f"paths.data_dir={tmp_path}/data"]
+    return compose_in_process(config_name, [*paths, *overrides], tmp_path / "run")
 
 
 def tiny_train_overrides(corpus: Path, model: str = DEFAULT_MODEL, *extra: str) -> list[str]:

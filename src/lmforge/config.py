@@ -36,6 +36,33 @@ if not OmegaConf.has_resolver("lmforge_root"):
     OmegaConf.register_new_resolver("lmforge_root", project_root)
 
 
+def compose_in_process(config_name: str, overrides: list[str], output_dir: str | Path) -> DictConfig:
+    """Compose ``configs/<config_name>.yaml`` with ``overrides`` as ``lmforge <command>`` would, without the CLI.
+
+    For tests, benchmarks and notebooks: the run directory (``paths.output_dir``) is
+    ``output_dir``, and Hydra's runtime config is set, so the result can go straight to
+    ``lmforge.train.train`` or ``lmforge.fabric_train.fit``.
+    """
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import open_dict
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose(config_name, overrides=overrides, return_hydra_config=True)
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    with open_dict(cfg):
+        cfg.hydra.runtime.output_dir = str(output_dir)
+        cfg.hydra.job.num = 0
+    HydraConfig().set_config(cfg)
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(output_dir)
+        del cfg["hydra"]
+    return cfg
+
+
 def to_container(cfg: DictConfig | dict | None) -> dict | None:
     """A resolved plain ``dict`` (safe to store in checkpoints) of a config node."""
     if cfg is None:
