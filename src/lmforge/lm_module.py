@@ -124,9 +124,11 @@ class LMModule(L.LightningModule):
         self._log_loss_and_perplexity("test", self.test_loss)
 
     def _log_loss_and_perplexity(self, stage: str, metric: MeanMetric) -> None:
-        loss, perplexity = loss_and_perplexity(metric)
-        self.log(f"{stage}/loss", loss, prog_bar=True)
-        self.log(f"{stage}/ppl", perplexity, prog_bar=stage == "val")
+        loss, perplexity = loss_and_perplexity(metric)  # the metric has reduced over all ranks already
+        # sync_dist averages values that are equal on every rank: a no-op but for Lightning's
+        # "use sync_dist=True" warning under DDP.
+        self.log(f"{stage}/loss", loss, prog_bar=True, sync_dist=True)
+        self.log(f"{stage}/ppl", perplexity, prog_bar=stage == "val", sync_dist=True)
 
     def configure_optimizers(self) -> Any:
         optimizer = build_optimizer(self.hparams.optimizer, self.net, self.trainer.precision)
