@@ -3,17 +3,19 @@
 1. On the `stdlib` corpus: BPE (vocab 4096) training time; raw `encode_batch_fast` throughput
    on all of its text held in memory, against the cache builder (read, encode, write) with
    the same tokenizer, measured in the same run.
-2. `lmforge prepare` end to end (own process) on `stdlib` and on a generated corpus of a few
-   hundred MB: wall time, MB/s and peak RSS (streaming keeps it flat as the corpus grows).
+2. `lmforge prepare` end to end (own process) on `stdlib` and on generated corpora of a few
+   hundred MB: wall time, MB/s and peak RSS, which stays flat as the corpus grows (streaming,
+   and BPE trained on a sample of at most `data.tokenizer_train_bytes`, 64 MB by default).
 3. In training: the share of step time spent waiting for the next batch (SimpleProfiler).
 
-    python benchmarks/data.py [--big-mb 200]
+    python benchmarks/data.py [--big-mb 120 300]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -72,18 +74,30 @@ def generate_corpus(directory: Path, megabytes: int) -> Path:
     return directory
 
 
+def first_files(corpus: Path, directory: Path, count: int) -> Path:
+    """A directory holding (hard links to) the first ``count`` files of ``corpus``."""
+    directory.mkdir()
+    for path in sorted(corpus.iterdir())[:count]:
+        os.link(path, directory / path.name)
+    return directory
+
+
 def prepare_in_subprocess(overrides: list[str]) -> dict:
-    """Run `lmforge prepare` in its own process; wall time and that process's peak RSS."""
+    """Run `lmforge prepare` in its own process; wall time, that process's peak RSS and the
+    bytes its BPE tokenizer was trained on (from the cache's meta.json)."""
     probe = (
         "import resource, subprocess, sys, time, json;"
         "t = time.perf_counter();"
-        "subprocess.run([sys.executable, '-m', 'lmforge', 'prepare', *sys.argv[1:]], check=True,"
-        " stdout=subprocess.DEVNULL);"
+        "out = subprocess.run([sys.executable, '-m', 'lmforge', 'prepare', *sys.argv[1:]], check=True,"
+        " capture_output=True, text=True).stdout;"
         "print(json.dumps({'seconds': time.perf_counter() - t,"
-        " 'peak_rss_mb': resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}))"
+        " 'peak_rss_mb': resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,"
+        " 'cache': out.split('token cache: ', 1)[1].rsplit(' (vocabulary', 1)[0]}))"
     )
     out = subprocess.run([sys.executable, "-c", probe, *overrides], capture_output=True, text=True, check=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    meta = json.loads((Path(result.pop("cache")) / "meta.json").read_text())
+    return {**result, "tokenizer_sample_bytes": meta["tokenizer_sample_bytes"]}
 
 
 class RecordingProfiler(SimpleProfiler):
@@ -113,16 +127,19 @@ def loader_wait_share(tmp: Path) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--big-mb", type=int, default=120, help="size of the generated corpus")
+    parser.add_argument("--big-mb", type=int, nargs="+", default=[120, 300], help="sizes of the generated corpora")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as name:
         tmp = Path(name)
         encode = encode_comparison(tmp)
         common = [f"paths.data_dir={tmp}/data", f"paths.log_dir={tmp}/logs", "extras.print_config=false"]
         stdlib = prepare_in_subprocess(common)
-        big_dir = generate_corpus(tmp / "big", args.big_mb)
-        big_bytes = sum(p.stat().st_size for p in big_dir.iterdir())
-        big = prepare_in_subprocess([*common, "data=text_files", f"data.path={big_dir}"])
+        generated = generate_corpus(tmp / "generated", max(args.big_mb))
+        big = []
+        for megabytes in sorted(args.big_mb):
+            corpus = first_files(generated, tmp / f"big_{megabytes}", megabytes)
+            result = prepare_in_subprocess([*common, "data=text_files", f"data.path={corpus}"])
+            big.append({"bytes": sum(p.stat().st_size for p in corpus.iterdir()), **result})
         wait_share = loader_wait_share(tmp)
     stdlib_mb = encode["bytes"] / 1e6
     rows = [
@@ -131,13 +148,18 @@ def main() -> None:
         ["cache builder (read + encode + write), same tokenizer", f"{encode['pipeline_mb_s']:.2f} MB/s"],
         ["cache builder / raw encode", f"{encode['pipeline_vs_raw']:.2f}"],
         ["`lmforge prepare` stdlib (train tokenizer + encode)", f"{stdlib['seconds']:.1f} s, peak RSS {stdlib['peak_rss_mb']:.0f} MB"],
-        [f"`lmforge prepare` generated {big_bytes / 1e6:.0f} MB", f"{big['seconds']:.1f} s ({big_bytes / 1e6 / big['seconds']:.2f} MB/s), peak RSS {big['peak_rss_mb']:.0f} MB"],
+        *[
+            [f"`lmforge prepare` generated {run['bytes'] / 1e6:.0f} MB "
+             f"(BPE trained on {run['tokenizer_sample_bytes'] / 1e6:.0f} MB of it)",
+             f"{run['seconds']:.1f} s ({run['bytes'] / 1e6 / run['seconds']:.2f} MB/s), peak RSS {run['peak_rss_mb']:.0f} MB"]
+            for run in big
+        ],
         ["data-loading wait / training step time (shakespeare_char)", f"{100 * wait_share:.2f}%"],
     ]
     text = "### Data pipeline\n\n" + markdown_table(["measurement", "result"], rows) + f"\nMachine: {machine()['cpu']}.\n"
     print(text)
     write_results("data", {"encode": encode, "prepare_stdlib": stdlib, "prepare_big": big,
-                           "big_bytes": big_bytes, "loader_wait_share": wait_share}, text)
+                           "loader_wait_share": wait_share}, text)
 
 
 if __name__ == "__main__":

@@ -28,6 +28,11 @@ from lmforge.data import (
     prepare_corpus,
 )
 from lmforge.data import cache as cache_module
+from lmforge.data.tokenizer import encode_documents, train_tokenizer
+from lmforge.errors import reported_errors
+from lmforge.prepare import prepare as run_prepare
+
+from conftest import compose_config
 
 WORDS = "alpha beta gamma delta lorem ipsum dolor sit amet the quick brown fox jumps over a lazy dog".split()
 
@@ -227,6 +232,9 @@ def test_cache_reuse_and_invalidation(tmp_path, docs_dir):
 
     other_vocab = prepare(source, tmp_path, tokenizer_kind="bpe", vocab_size=320)
     assert other_vocab.built and other_vocab.path != first.path
+    other_sample = prepare(source, tmp_path, tokenizer_kind="bpe", vocab_size=300, tokenizer_train_bytes=10_000)
+    assert other_sample.built and other_sample.path not in (first.path, other_vocab.path)
+    assert other_sample.meta["tokenizer_train_bytes"] == 10_000
 
     (docs_dir / "part0" / "doc00.txt").write_text("changed\n")
     changed = prepare(source, tmp_path, tokenizer_kind="bpe", vocab_size=300)
@@ -302,6 +310,21 @@ def test_long_documents_are_encoded_in_chunks(tmp_path, monkeypatch):
     assert corpus.tokenizer.decode(ids) == text
 
 
+def test_chunks_give_the_tokens_and_tokenizer_of_whole_documents(tmp_path, monkeypatch):
+    monkeypatch.setattr(cache_module, "CHUNK_CHARS", 40)
+    rng = random.Random(0)
+    lines = ["def f(x):\n", "    return x  \n", "\n", "\n\n", "class A:\n", "\tpass\n", "   \n", "y = [1,  2]\n",
+             " ".join(rng.choices(WORDS, k=12)) + "\n"]  # a line longer than a chunk
+    text = "".join(rng.choices(lines, k=400))
+    (tmp_path / "input.txt").write_text(text)
+    assert len(list(cache_module._chunks(text, 0, len(text)))) > 100
+    corpus = prepare(TextFilesSource(str(tmp_path / "input.txt")), tmp_path, tokenizer_kind="bpe", vocab_size=300)
+    train_ids = np.asarray(corpus.tokens("train")).tolist()
+    train_text = corpus.tokenizer.decode(train_ids)
+    assert train_ids == encode_documents(corpus.tokenizer, [train_text])[0]
+    assert corpus.tokenizer.to_str() == train_tokenizer("bpe", [train_text], 300).to_str()
+
+
 def test_explicit_document_split_needs_documents(tmp_path):
     (tmp_path / "input.txt").write_text(make_text(0, 10))
     with pytest.raises(DataError, match="split=documents leaves the val split without documents"):
@@ -344,6 +367,82 @@ def test_given_tokenizer_is_used(tmp_path, docs_dir):
     assert given.path != char.path
     assert given.tokenizer.to_str() == char.tokenizer.to_str()
     assert np.array_equal(given.tokens("val"), char.tokens("val"))
+
+
+def numbered_lines_corpus(root: Path) -> Path:
+    """40 documents of 50 lines; every line starts with its number in the whole corpus."""
+    root.mkdir()
+    for doc in range(40):
+        lines = [f"{doc * 50 + i:05d} " + make_text(doc * 50 + i, 1) for i in range(50)]
+        (root / f"doc{doc:02d}.txt").write_text("".join(lines))
+    return root
+
+
+def fed_to_trainer(monkeypatch, source, tmp_path, **kwargs) -> tuple[list[str], cache_module.CachedCorpus]:
+    """Prepare ``source`` and return the texts the tokenizer was trained on, and the corpus."""
+    fed = []
+
+    def recording_train_tokenizer(kind, texts, vocab_size):
+        fed.extend(texts)
+        return train_tokenizer(kind, iter(fed), vocab_size)
+
+    monkeypatch.setattr(cache_module, "train_tokenizer", recording_train_tokenizer)
+    corpus = prepare(source, tmp_path, **kwargs)
+    return fed, corpus
+
+
+def line_numbers(texts: list[str]) -> list[int]:
+    return sorted(int(line[:5]) for text in texts for line in text.splitlines() if line)
+
+
+@pytest.mark.parametrize("split", ["documents", "contiguous"])
+def test_bpe_is_trained_on_a_fixed_sample_spread_over_the_train_split(tmp_path, monkeypatch, split):
+    monkeypatch.setattr(cache_module, "CHUNK_CHARS", 200)  # ~4 lines a chunk: ~450 chunks
+    source = TextFilesSource(str(numbered_lines_corpus(tmp_path / "corpus")))
+    kwargs = {"tokenizer_kind": "bpe", "vocab_size": 300, "split": split}
+    whole, corpus = fed_to_trainer(monkeypatch, source, tmp_path, tokenizer_train_bytes=None, **kwargs)
+    train_bytes = corpus.meta["splits"]["train"]["bytes"]
+    assert sum(len(t.encode()) for t in whole) == corpus.meta["tokenizer_sample_bytes"] == train_bytes > 80_000
+    assert max(len(t) for t in whole) <= 200
+
+    budget = 20_000
+    sample, sampled = fed_to_trainer(monkeypatch, source, tmp_path, tokenizer_train_bytes=budget, **kwargs)
+    fed_bytes = sum(len(t.encode()) for t in sample)
+    assert sampled.meta["tokenizer_sample_bytes"] == fed_bytes
+    assert abs(fed_bytes - budget) < 0.15 * budget
+    train_lines, sample_lines = line_numbers(whole), line_numbers(sample)
+    assert set(sample_lines) < set(train_lines)
+    for quarter in np.array_split(np.array(train_lines), 4):  # each quarter of the split gives ~1/4 of the sample
+        share = np.isin(sample_lines, quarter).mean()
+        assert 0.15 < share < 0.35, share
+    assert len({n // 50 for n in sample_lines}) > 0.8 * len({n // 50 for n in train_lines})  # most documents
+
+    again, rebuilt = fed_to_trainer(monkeypatch, source, tmp_path / "elsewhere", tokenizer_train_bytes=budget, **kwargs)
+    assert again == sample and rebuilt.tokenizer.to_str() == sampled.tokenizer.to_str()
+    above, _ = fed_to_trainer(monkeypatch, source, tmp_path, tokenizer_train_bytes=10 * train_bytes, **kwargs)
+    assert above == whole
+
+
+def test_char_tokenizer_sees_the_whole_train_split(tmp_path, docs_dir, monkeypatch):
+    source = TextFilesSource(str(docs_dir))
+    fed, corpus = fed_to_trainer(monkeypatch, source, tmp_path, tokenizer_kind="char", tokenizer_train_bytes=1000)
+    assert sum(len(t.encode()) for t in fed) == corpus.meta["splits"]["train"]["bytes"] > 10_000
+    assert corpus.meta["tokenizer_train_bytes"] is None
+    assert not prepare(source, tmp_path, tokenizer_kind="char", tokenizer_train_bytes=None).built  # same cache
+
+
+def test_bad_tokenizer_train_bytes_is_one_error_line_before_any_preparation(tmp_path, docs_dir, capsys):
+    overrides = ["data=text_files", f"data.path={docs_dir}", "data.tokenizer_train_bytes=0"]
+    cfg = compose_config("prepare", overrides, tmp_path)
+    with pytest.raises(SystemExit) as exit_info, reported_errors():
+        run_prepare(cfg)
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: data.tokenizer_train_bytes=0 must be a positive whole number of bytes")
+    assert "\n" not in err
+    assert not (tmp_path / "data").exists()
+    with pytest.raises(DataError, match="data.tokenizer_train_bytes=-5 must be"):
+        prepare(TextFilesSource(str(docs_dir)), tmp_path, tokenizer_train_bytes=-5)
 
 
 def _prepare_in_subprocess(source, cache_root, barrier, results):
@@ -453,6 +552,10 @@ def test_windows_pickle_memmaps_by_name(tmp_path):
         ({"tokenizer": "words"}, "data.tokenizer='words' is not one of bpe, char, bytes"),
         ({"split": "random"}, "data.split='random' is not one of"),
         ({"overfit_batches": -1}, "data.overfit_batches=-1 must be >= 0"),
+        ({"tokenizer_train_bytes": 0}, "data.tokenizer_train_bytes=0 must be a positive whole number"),
+        ({"tokenizer_train_bytes": 6.4e7}, r"data.tokenizer_train_bytes=64000000.0 must be .* \(e.g. 64000000\)"),
+        ({"tokenizer_train_bytes": "64MB"}, "data.tokenizer_train_bytes='64MB' must be"),
+        ({"tokenizer_train_bytes": True}, "data.tokenizer_train_bytes=True must be"),
     ],
 )
 def test_datamodule_validates_arguments(tmp_path, kwargs, message):

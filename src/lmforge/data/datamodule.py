@@ -10,7 +10,13 @@ import numpy as np
 from tokenizers import Tokenizer
 from torch.utils.data import DataLoader
 
-from lmforge.data.cache import CachedCorpus, check_split_params, prepare_corpus
+from lmforge.data.cache import (
+    DEFAULT_TOKENIZER_TRAIN_BYTES,
+    CachedCorpus,
+    check_split_params,
+    check_tokenizer_train_bytes,
+    prepare_corpus,
+)
 from lmforge.data.sources import CorpusSource, DataError
 from lmforge.data.tokenizer import TOKENIZER_KINDS
 from lmforge.data.windows import EvalWindows, MicroBatchSampler, TrainWindows, check_fits
@@ -31,8 +37,10 @@ class LMDataModule(pl.LightningDataModule):
     Each rank shards the data itself: create the Trainer with ``use_distributed_sampler=False``.
 
     ``vocab_size`` only applies to the ``"bpe"`` tokenizer; ``"char"`` and ``"bytes"`` have a
-    vocabulary fixed by the corpus or by the 256 byte values. When ``test_fraction`` is 0 the
-    test split is the validation split. Relative ``cache_dir`` paths are resolved at construction.
+    vocabulary fixed by the corpus or by the 256 byte values. ``tokenizer_train_bytes`` bounds the
+    text BPE is trained on, and so the memory and time that takes: a fixed sample spread over the
+    train split (None: all of it). When ``test_fraction`` is 0 the test split is the validation
+    split. Relative ``cache_dir`` paths are resolved at construction.
     ``tokenizer_json`` (e.g. a checkpoint's tokenizer) is used instead of training a tokenizer;
     ``tokenizer`` and ``vocab_size`` are then ignored. ``overfit_batches > 0`` (debugging) makes
     training repeat its first ``overfit_batches`` micro-batches forever.
@@ -56,6 +64,7 @@ class LMDataModule(pl.LightningDataModule):
         cache_dir: str = "data",
         tokenizer_json: str | None = None,
         overfit_batches: int = 0,
+        tokenizer_train_bytes: int | None = DEFAULT_TOKENIZER_TRAIN_BYTES,
     ) -> None:
         super().__init__()
         if tokenizer not in TOKENIZER_KINDS:
@@ -70,9 +79,11 @@ class LMDataModule(pl.LightningDataModule):
             if value < 0:
                 raise DataError(f"data.{name}={value} must be >= 0")
         check_split_params(val_fraction, test_fraction, split)
+        check_tokenizer_train_bytes(tokenizer_train_bytes)
         self.source = source
         self.tokenizer_kind = tokenizer
         self.requested_vocab_size = vocab_size
+        self.tokenizer_train_bytes = tokenizer_train_bytes
         self.block_size = block_size
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or batch_size
@@ -101,6 +112,7 @@ class LMDataModule(pl.LightningDataModule):
             seed=self.seed,
             cache_root=self.cache_dir,
             tokenizer_json=self.tokenizer_json_override,
+            tokenizer_train_bytes=self.tokenizer_train_bytes,
         )
 
     @property
