@@ -94,6 +94,11 @@ def test_tensorboard_events_hold_scalars_and_samples(tmp_path, corpus_dir):
         "train/grad_norm", "train/tokens", "lr-AdamW/decay", "train/device/items_per_sec",
     }
     assert expected <= scalars, expected - scalars
+    # Every logged value belongs to the step it is logged at (every trainer.log_every_n_steps=2 steps).
+    tokens_per_step = 8 * 32  # data.batch_size x data.block_size
+    tokens = {event.step: event.value for event in accumulator.Scalars("train/tokens")}
+    assert tokens == {step: (step + 1) * tokens_per_step for step in range(1, 12, 2)}
+    assert sorted(event.step for event in accumulator.Scalars("train/loss")) == list(range(1, 12, 2))
     val_loss = accumulator.Scalars("val/loss")[-1].value
     val_ppl = accumulator.Scalars("val/ppl")[-1].value
     assert val_ppl == pytest.approx(torch.tensor(val_loss).exp().item(), rel=1e-4)
