@@ -93,20 +93,21 @@ class LMModule(L.LightningModule):
         inputs = batch[0]
         self._tokens_per_micro_batch = inputs.numel()
         self.flops_per_batch = self.net.flops_per_token(inputs.size(1)) * inputs.numel()
-        if self._writes_logs_this_step():  # each self.log costs ~1-2 ms of Lightning bookkeeping
+        if self._logs_this_step():  # each self.log costs ~1-2 ms of Lightning bookkeeping
             self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True)
         return loss
 
-    def _writes_logs_this_step(self) -> bool:
-        """Whether Lightning writes the step's logged values to the loggers at the end of this optimizer
-        step: every ``trainer.log_every_n_steps`` steps, counting the step in progress."""
-        every = self.trainer.log_every_n_steps
-        return every > 0 and (self.global_step + 1) % every == 0
+    def _logs_this_step(self) -> bool:
+        """Whether the training values of the optimizer step in progress are logged: on the steps whose
+        values Lightning writes to the loggers (every ``trainer.log_every_n_steps``), and on the last
+        step, so that the run's final train loss is known."""
+        step, every = self.global_step + 1, self.trainer.log_every_n_steps
+        return (every > 0 and step % every == 0) or step == self.trainer.max_steps
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         # Runs before gradient clipping, so the logged norm is the raw one. Only on
         # logging steps: the norm costs a pass over all gradients.
-        if not self._writes_logs_this_step():
+        if not self._logs_this_step():
             return
         norm = gradient_norm(self.parameters())
         if norm is not None:
