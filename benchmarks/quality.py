@@ -137,7 +137,9 @@ def table(results: dict[str, dict], steps: int) -> str:
         f"### Quality per compute: char-level tiny-shakespeare, {steps} steps\n\n"
         + markdown_table(headers, rows)
         + f"\nval = mean loss over 2400 fixed random val windows, every {'/'.join(map(str, eval_every))} steps; "
-        f"times exclude validation. Machine: {machine()['cpu']}.\n"
+        f"times exclude validation. Times and the % column (against the saved shakespeare_char run) compare "
+        "only between runs made in one invocation on an otherwise idle machine. "
+        f"Machine: {machine()['cpu']}.\n"
     )
 
 
