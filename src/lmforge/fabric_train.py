@@ -40,10 +40,10 @@ from lmforge.optim import build_optimizer, gradient_norm
 from lmforge.parallel import is_sharded, limit_cpu_threads, mixed_precision_dtypes, shard_model
 from lmforge.report import print_run_summary
 from lmforge.safety import (
-    NONFINITE_ACTIONS,
     AtomicCheckpointIO,
     NonFiniteLossPolicy,
     StopSignals,
+    check_nonfinite_action,
     report_interruption,
 )
 from lmforge.validation import validate_run_config
@@ -79,10 +79,7 @@ class LoopSettings:
         for name in known - {"gradient_clip_val", "nonfinite_loss"}:
             if not isinstance(getattr(settings, name), int) or getattr(settings, name) < 1:
                 raise ConfigError(f"trainer.{name}={getattr(settings, name)} must be an integer >= 1")
-        if settings.nonfinite_loss not in NONFINITE_ACTIONS:
-            raise ConfigError(
-                f"trainer.nonfinite_loss={settings.nonfinite_loss!r} must be one of {', '.join(NONFINITE_ACTIONS)}"
-            )
+        check_nonfinite_action(settings.nonfinite_loss, "trainer.nonfinite_loss")
         if settings.gradient_clip_val is not None and not settings.gradient_clip_val > 0:
             raise ConfigError(
                 f"trainer.gradient_clip_val={settings.gradient_clip_val} must be > 0, or null for no clipping"

@@ -215,6 +215,12 @@ def newest_saved_checkpoint(trainer: L.Trainer) -> Path | None:
     return max(existing, key=lambda p: p.stat().st_mtime) if existing else None
 
 
+def check_nonfinite_action(action: str, setting: str) -> None:
+    """Raise :class:`~lmforge.errors.ConfigError` unless ``action`` (the value of ``setting``) is stop or skip."""
+    if action not in NONFINITE_ACTIONS:
+        raise ConfigError(f"{setting}={action!r} must be one of {', '.join(NONFINITE_ACTIONS)}")
+
+
 class NonFiniteLossPolicy:
     """What a training loop does when a step's loss is NaN or infinite, before the optimizer step.
 
@@ -226,8 +232,7 @@ class NonFiniteLossPolicy:
     """
 
     def __init__(self, action: str = "stop", setting: str = "callbacks.nonfinite_loss.action") -> None:
-        if action not in NONFINITE_ACTIONS:
-            raise ConfigError(f"{setting}={action!r} must be one of {', '.join(NONFINITE_ACTIONS)}")
+        check_nonfinite_action(action, setting)
         self.action = action
         self.setting = setting
         self.skipped_steps = 0
