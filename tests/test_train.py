@@ -81,11 +81,24 @@ def test_resume_continues_exactly(tmp_path, corpus_dir):
         torch.testing.assert_close(weights_resumed["state_dict"][name], tensor, rtol=0, atol=1e-6)
 
 
-def test_tensorboard_events_hold_scalars_and_samples(tmp_path, corpus_dir):
+def test_tensorboard_events_hold_scalars_and_samples(tmp_path, corpus_dir, monkeypatch):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+    from lmforge.callbacks import ProgressBar
+
+    bar_reads = []  # (stage, step) of each time the progress bar collects the logged values
+    get_metrics = ProgressBar.get_metrics
+
+    def recording_get_metrics(self, trainer, pl_module):
+        bar_reads.append((trainer.state.stage, trainer.global_step))
+        return get_metrics(self, trainer, pl_module)
+
+    monkeypatch.setattr(ProgressBar, "get_metrics", recording_get_metrics)
     cfg = compose_config("train", tiny_train_overrides(corpus_dir, DEFAULT_MODEL), tmp_path)
     train(cfg)
+    # The bar re-reads the values after the steps that log them (every 2 of 12), not after every
+    # step, and once more when training ends.
+    assert sorted(step for stage, step in bar_reads if stage == "train") == [*range(2, 13, 2), 12]
     accumulator = EventAccumulator(str(tmp_path / "run" / "tensorboard"), size_guidance={"tensors": 0})
     accumulator.Reload()
     scalars = set(accumulator.Tags()["scalars"])

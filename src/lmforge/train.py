@@ -82,7 +82,7 @@ def _print_summary(trainer: L.Trainer, metrics: dict, best: str, fit_seconds: fl
     rates = monitor.training_rates() if monitor else {}
     tokens_per_sec = rates.get("items_per_sec", rates.get("device/items_per_sec"))
     if tokens_per_sec is None and trainer.global_step:
-        tokens_per_sec = metrics.get("train/tokens", 0.0) / fit_seconds or None
+        tokens_per_sec = trainer.global_step * trainer.lightning_module.tokens_per_step / fit_seconds or None
     tensorboard = next((lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)), None)
     checkpoint = trainer.checkpoint_callback
     print_run_summary(
