@@ -62,7 +62,7 @@ class LoopSettings:
     accumulate_grad_batches: int = 1
     gradient_clip_val: float | None = None
     val_check_interval: int = 150
-    log_every_n_steps: int = 10
+    log_every_n_steps: int = 25
     checkpoint_every_n_steps: int = 100
     nonfinite_loss: str = "stop"
 
