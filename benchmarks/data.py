@@ -27,7 +27,7 @@ from lightning.pytorch.profilers import SimpleProfiler
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import compose, corpus_file, machine, markdown_table, write_results  # noqa: E402
-from throughput import overrides_for  # noqa: E402
+from throughput import CONFIGS, overrides_for  # noqa: E402
 
 from lmforge.data import StdlibSource, TextFilesSource  # noqa: E402
 from lmforge.data.cache import prepare_corpus  # noqa: E402
@@ -114,8 +114,9 @@ def loader_wait_share(tmp: Path) -> float:
     """Fraction of training-step time spent fetching batches, from Lightning's SimpleProfiler."""
     from lmforge.train import train
 
+    spec = {**CONFIGS["shakespeare_char"], "warmup": 40, "rounds": 8}  # about 250 steps
     cfg = compose(
-        overrides_for("shakespeare_char", corpus_file(tmp), tmp)
+        overrides_for(spec, corpus_file(tmp), tmp)
         + [f"+trainer.profiler._target_={RecordingProfiler.__module__}.RecordingProfiler", "callbacks=none", "logger=none"]
     )
     train(cfg)

@@ -217,7 +217,7 @@ def worker(path: str, spec: dict, corpus: Path, tmp: Path, report_fd: int) -> No
 
 
 class Worker:
-    """A worker process of one path; ``window_seconds`` collects its timed windows."""
+    """A worker process of one path; ``windows`` collects the step times of its timed windows."""
 
     def __init__(self, path: str, spec: dict, corpus: Path, tmp: Path) -> None:
         self.path = path
@@ -257,7 +257,7 @@ class Worker:
             raise RuntimeError(f"the {self.path} worker failed ({self.process.returncode}):\n{self.log.read_text()[-3000:]}")
 
 
-def measure(spec: dict, corpus: Path, tmp: Path) -> dict[str, list[float]]:
+def measure(spec: dict, corpus: Path, tmp: Path) -> dict[str, list[list[float]]]:
     """The step times (seconds) of each path's windows, one window per round; the paths take turns."""
     from lmforge.config import build_datamodule
 
@@ -295,6 +295,8 @@ def main() -> None:
         worker(args.worker, json.loads(args.spec), args.corpus, args.tmp, args.report_fd)
         return
 
+    from hydra.utils import instantiate
+
     peak = args.peak_flops or matmul_peak_flops()
     rows, payload = [], {"peak_flops": peak, "configs": {}}
     with tempfile.TemporaryDirectory() as tmp_name:
@@ -307,8 +309,6 @@ def main() -> None:
             if args.rounds:
                 spec["rounds"] = args.rounds
             step_times = measure(spec, corpus, tmp)
-            from hydra.utils import instantiate
-
             net = instantiate(compose(overrides_for(spec, corpus, tmp)).model, vocab_size=65)
             tokens_per_step = spec["batch_size"] * spec["block_size"]
             flops_per_step = net.flops_per_token(spec["block_size"]) * tokens_per_step
