@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -82,13 +81,6 @@ def compose(overrides: list[str], config_name: str = "train"):
     log_dir = OmegaConf.from_dotlist([o for o in overrides if o.startswith("paths.log_dir=")]).paths.log_dir
     out = tempfile.mkdtemp(prefix="run-", dir=str(Path(log_dir).parent))
     return compose_in_process(config_name, overrides, out)
-
-
-def median_window_seconds(step_times: list[float], warmup: int, window: int) -> float:
-    """Median over consecutive windows of the mean step time, after dropping ``warmup`` steps."""
-    times = step_times[warmup:]
-    windows = [statistics.fmean(times[i : i + window]) for i in range(0, len(times) - window + 1, window)]
-    return statistics.median(windows or times)
 
 
 def write_results(name: str, payload: dict, markdown: str) -> None:
