@@ -12,6 +12,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.trainer.states import RunningStage
 from tokenizers import Tokenizer
 
+from lmforge.lm_module import is_logging_step
 from lmforge.parallel import is_sharded
 
 
@@ -143,22 +144,11 @@ class ProgressBar(pl_callbacks.RichProgressBar):
     """Lightning's rich progress bar, re-reading the logged values only after the steps that log them.
 
     Lightning's bar collects every logged metric after each training batch (~0.2 ms of Python on
-    a CPU, several % of a small model's step); the training values change only every
-    ``trainer.log_every_n_steps`` steps, and the validation values at the end of validation.
+    a CPU, several % of a small model's step); the training values change only on the logging
+    steps, and the validation values at the end of validation.
     """
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._values_unchanged = False
-
-    def on_train_batch_end(self, trainer: L.Trainer, *args: Any, **kwargs: Any) -> None:
-        step, every = trainer.global_step, trainer.log_every_n_steps
-        self._values_unchanged = not ((every > 0 and step % every == 0) or step == trainer.max_steps)
-        try:
-            super().on_train_batch_end(trainer, *args, **kwargs)
-        finally:
-            self._values_unchanged = False
-
     def _update_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if not self._values_unchanged:
-            super()._update_metrics(trainer, pl_module)
+        if trainer.training and not is_logging_step(trainer, trainer.global_step):
+            return
+        super()._update_metrics(trainer, pl_module)

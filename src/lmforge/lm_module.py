@@ -14,6 +14,14 @@ from lmforge.models.base import LanguageModel
 from lmforge.optim import build_optimizer, gradient_norm
 
 
+def is_logging_step(trainer: L.Trainer, step: int) -> bool:
+    """Whether the training values of optimizer step ``step`` (counted from 1) are logged: on the
+    steps whose values Lightning writes to the loggers (every ``trainer.log_every_n_steps``), and
+    on the last step, so that the run's final train loss is known."""
+    every = trainer.log_every_n_steps
+    return (every > 0 and step % every == 0) or step == trainer.max_steps
+
+
 class LMModule(L.LightningModule):
     """Trains a :class:`~lmforge.models.base.LanguageModel` by maximum likelihood.
 
@@ -98,11 +106,8 @@ class LMModule(L.LightningModule):
         return loss
 
     def _logs_this_step(self) -> bool:
-        """Whether the training values of the optimizer step in progress are logged: on the steps whose
-        values Lightning writes to the loggers (every ``trainer.log_every_n_steps``), and on the last
-        step, so that the run's final train loss is known."""
-        step, every = self.global_step + 1, self.trainer.log_every_n_steps
-        return (every > 0 and step % every == 0) or step == self.trainer.max_steps
+        """Whether the training values of the optimizer step in progress are logged."""
+        return is_logging_step(self.trainer, self.global_step + 1)
 
     @property
     def tokens_per_step(self) -> int:
