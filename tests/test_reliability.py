@@ -692,11 +692,15 @@ def ddp_run_overrides(corpus_dir: Path, timeout_seconds: int) -> list[str]:
     )
 
 
-def kill_process_tree(process: subprocess.Popen) -> None:
+def kill_process_tree(process: subprocess.Popen, known_children: tuple[int, ...] = ()) -> None:
+    """Kill ``process``, its children, and ``known_children`` (a child whose parent has exited is
+    no longer listed as its child, e.g. a stopped rank left behind by rank 0's timeout)."""
+    children = set(known_children)
     if process.poll() is None:
-        for pid in child_pids(process.pid):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)  # also ends a stopped process
+        children.update(child_pids(process.pid))
+    for pid in children:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)  # also ends a stopped process
     process.kill()
     process.wait()
 
@@ -707,6 +711,7 @@ def test_a_rank_that_dies_or_hangs_ends_the_job_in_bounded_time(fault, corpus_di
     timeout = 20
     stderr_file = tmp_path / "stderr.txt"
     process = start_cli(stderr_file, "train", *ddp_run_overrides(corpus_dir, timeout), *paths_in(tmp_path), threads=1)
+    rank1 = None
     try:
         wait_for(process, tmp_path, "logs/train/runs/*/checkpoints/periodic-*.ckpt", poll=0.1)  # both ranks train
         (rank1,) = [pid for pid in child_pids(process.pid) if b"\0LOCAL_RANK=1\0" in b"\0" + environ(pid)]
@@ -715,7 +720,7 @@ def test_a_rank_that_dies_or_hangs_ends_the_job_in_bounded_time(fault, corpus_di
         process.wait(timeout=timeout + 60)
         elapsed = time.monotonic() - faulted_at
     finally:
-        kill_process_tree(process)
+        kill_process_tree(process, known_children=(rank1,) if rank1 else ())
     stderr = stderr_file.read_text()
     assert process.returncode != 0, stderr[-3000:]
     assert elapsed < timeout + 30, elapsed
