@@ -7,16 +7,16 @@ ARGS   ?=
 PORT   ?= 6006
 
 .DEFAULT_GOAL := help
-.PHONY: help setup train test test-fast tensorboard bench clean
+.PHONY: help setup train test test-fast lint format tensorboard bench clean
 
 help: ## List the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-12s %s\n", $$1, $$2}'
 
-setup: $(STAMP) ## Create .venv and install lmforge[dev] with the tested pins (no-op when up to date)
+setup: $(STAMP) ## Create .venv and install lmforge[dev,hf] with the tested pins (no-op when up to date)
 
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[dev]'
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[dev,hf]'
 	@touch $@
 
 train: setup ## Train the default experiment (extra Hydra overrides: make train ARGS="trainer.max_steps=100")
@@ -27,6 +27,15 @@ test: setup ## Run the whole test suite
 
 test-fast: setup ## Run the tests that are not marked slow
 	$(BIN)/python -m pytest -m "not slow" $(ARGS)
+
+lint: setup ## ruff (lint and format check) and the import-layer contracts (lint-imports)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports
+
+format: setup ## Fix what ruff can: import order, formatting
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
 
 tensorboard: setup ## Serve logs/ with TensorBoard on http://127.0.0.1:$(PORT)
 	$(BIN)/tensorboard --logdir logs --host 127.0.0.1 --port $(PORT)

@@ -76,7 +76,7 @@ def compose(overrides: list[str], config_name: str = "train"):
     would, its run directory a fresh folder next to ``paths.log_dir``."""
     from omegaconf import OmegaConf
 
-    from lmforge.config import compose_in_process
+    from lmforge.training.config import compose_in_process
 
     log_dir = OmegaConf.from_dotlist([o for o in overrides if o.startswith("paths.log_dir=")]).paths.log_dir
     out = tempfile.mkdtemp(prefix="run-", dir=str(Path(log_dir).parent))

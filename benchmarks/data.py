@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import compose, corpus_file, machine, markdown_table, write_results  # noqa: E402
 from throughput import CONFIGS, overrides_for  # noqa: E402
 
-from lmforge.data import StdlibSource, TextFilesSource  # noqa: E402
+from lmforge.data import StdlibSource  # noqa: E402
 from lmforge.data.cache import prepare_corpus  # noqa: E402
 from lmforge.data.tokenizer import encode_documents, train_tokenizer  # noqa: E402
 
@@ -112,12 +112,16 @@ class RecordingProfiler(SimpleProfiler):
 
 def loader_wait_share(tmp: Path) -> float:
     """Fraction of training-step time spent fetching batches, from Lightning's SimpleProfiler."""
-    from lmforge.train import train
+    from lmforge.cli.train import train
 
     spec = {**CONFIGS["shakespeare_char"], "warmup": 40, "rounds": 8}  # about 250 steps
     cfg = compose(
         overrides_for(spec, corpus_file(tmp), tmp)
-        + [f"+trainer.profiler._target_={RecordingProfiler.__module__}.RecordingProfiler", "callbacks=none", "logger=none"]
+        + [
+            f"+trainer.profiler._target_={RecordingProfiler.__module__}.RecordingProfiler",
+            "callbacks=none",
+            "logger=none",
+        ]
     )
     train(cfg)
     durations = RecordingProfiler.latest.recorded_durations
@@ -148,19 +152,28 @@ def main() -> None:
         ["raw `encode_batch_fast`, stdlib", f"{encode['raw_encode_mb_s']:.2f} MB/s"],
         ["cache builder (read + encode + write), same tokenizer", f"{encode['pipeline_mb_s']:.2f} MB/s"],
         ["cache builder / raw encode", f"{encode['pipeline_vs_raw']:.2f}"],
-        ["`lmforge prepare` stdlib (train tokenizer + encode)", f"{stdlib['seconds']:.1f} s, peak RSS {stdlib['peak_rss_mb']:.0f} MB"],
+        [
+            "`lmforge prepare` stdlib (train tokenizer + encode)",
+            f"{stdlib['seconds']:.1f} s, peak RSS {stdlib['peak_rss_mb']:.0f} MB",
+        ],
         *[
-            [f"`lmforge prepare` generated {run['bytes'] / 1e6:.0f} MB "
-             f"(BPE trained on {run['tokenizer_sample_bytes'] / 1e6:.0f} MB of it)",
-             f"{run['seconds']:.1f} s ({run['bytes'] / 1e6 / run['seconds']:.2f} MB/s), peak RSS {run['peak_rss_mb']:.0f} MB"]
+            [
+                f"`lmforge prepare` generated {run['bytes'] / 1e6:.0f} MB "
+                f"(BPE trained on {run['tokenizer_sample_bytes'] / 1e6:.0f} MB of it)",
+                f"{run['seconds']:.1f} s ({run['bytes'] / 1e6 / run['seconds']:.2f} MB/s), "
+                f"peak RSS {run['peak_rss_mb']:.0f} MB",
+            ]
             for run in big
         ],
         ["data-loading wait / training step time (shakespeare_char)", f"{100 * wait_share:.2f}%"],
     ]
-    text = "### Data pipeline\n\n" + markdown_table(["measurement", "result"], rows) + f"\nMachine: {machine()['cpu']}.\n"
+    text = (
+        "### Data pipeline\n\n" + markdown_table(["measurement", "result"], rows) + f"\nMachine: {machine()['cpu']}.\n"
+    )
     print(text)
-    write_results("data", {"encode": encode, "prepare_stdlib": stdlib, "prepare_big": big,
-                           "loader_wait_share": wait_share}, text)
+    write_results(
+        "data", {"encode": encode, "prepare_stdlib": stdlib, "prepare_big": big, "loader_wait_share": wait_share}, text
+    )
 
 
 if __name__ == "__main__":

@@ -23,12 +23,16 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine, markdown_table, write_results  # noqa: E402
 
-from lmforge.models import GPT  # noqa: E402  # [gpt]
-from lmforge.models import LSTMLanguageModel  # noqa: E402  # [lstm]
+from lmforge.models import (
+    GPT,  # noqa: E402  # [gpt]
+    LSTMLanguageModel,  # noqa: E402  # [lstm]
+)
 
 # name -> (build the model, whether it has a KV cache to compare with recomputing the context)
 MODELS = {
-    "gpt default (4x192, block 128)": (lambda: GPT(4096, block_size=128, n_layer=4, n_head=4, n_embd=192), True),  # [gpt]
+    # [gpt]
+    "gpt default (4x192, block 128)": (lambda: GPT(4096, block_size=128, n_layer=4, n_head=4, n_embd=192), True),
+    # [/gpt]
     "gpt 4x192, block 512": (lambda: GPT(4096, block_size=512, n_layer=4, n_head=4, n_embd=192), True),  # [gpt]
     "gpt 6x384, block 256": (lambda: GPT(4096, block_size=256, n_layer=6, n_head=6, n_embd=384), True),  # [gpt]
     "lstm default (2x256)": (lambda: LSTMLanguageModel(4096, n_embd=256, hidden_size=256, n_layer=2), False),  # [lstm]

@@ -84,14 +84,25 @@ def run(experiment: str, extra: list[str], corpus: Path, tmp: Path, steps: int, 
     """Train one configuration and return its val curve and timings."""
     from omegaconf import open_dict
 
-    from lmforge.train import train
+    from lmforge.cli.train import train
 
-    cfg = compose([
-        f"experiment={experiment}", f"data.path={corpus}", f"trainer.max_steps={steps}",
-        f"trainer.val_check_interval={eval_every}", "trainer.num_sanity_val_steps=0", "trainer.accelerator=cpu",
-        "test=false", "extras.print_config=false", "logger=csv", "sample.max_new_tokens=200",
-        f"paths.log_dir={tmp}/logs", f"paths.data_dir={tmp}/data", *extra,
-    ])
+    cfg = compose(
+        [
+            f"experiment={experiment}",
+            f"data.path={corpus}",
+            f"trainer.max_steps={steps}",
+            f"trainer.val_check_interval={eval_every}",
+            "trainer.num_sanity_val_steps=0",
+            "trainer.accelerator=cpu",
+            "test=false",
+            "extras.print_config=false",
+            "logger=csv",
+            "sample.max_new_tokens=200",
+            f"paths.log_dir={tmp}/logs",
+            f"paths.data_dir={tmp}/data",
+            *extra,
+        ]
+    )
     with open_dict(cfg):
         cfg.callbacks.train_clock = {"_target_": f"{TrainClock.__module__}.TrainClock"}
     train(cfg)
@@ -127,11 +138,16 @@ def table(results: dict[str, dict], steps: int) -> str:
     for label, r in results.items():
         to_target = r["seconds_to_target"]
         share = "" if to_target is None or baseline is None else f"{100 * to_target / baseline['train_seconds']:.0f}%"
-        rows.append([
-            label if label in ("shakespeare_char", "shakespeare_char_fast") else f"+ {label}",
-            f"{r['final_val']:.3f}", f"{r['best_val']:.3f}", f"{r['train_seconds']:.0f}",
-            "not reached" if to_target is None else f"{to_target:.0f}", share,
-        ])
+        rows.append(
+            [
+                label if label in ("shakespeare_char", "shakespeare_char_fast") else f"+ {label}",
+                f"{r['final_val']:.3f}",
+                f"{r['best_val']:.3f}",
+                f"{r['train_seconds']:.0f}",
+                "not reached" if to_target is None else f"{to_target:.0f}",
+                share,
+            ]
+        )
     headers = ["run", f"val @ {steps}", "best val", "train s", f"s to val <= {TARGET}", "% of baseline time"]
     return (
         f"### Quality per compute: char-level tiny-shakespeare, {steps} steps\n\n"
@@ -148,8 +164,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=2000)
     parser.add_argument("--eval-every", type=int, default=100)
     parser.add_argument("--ablation", action="store_true", help="also run every lever alone")
-    parser.add_argument("--only", nargs="+", choices=list(RUNS), metavar="LABEL",
-                        help=f"run only these labels: {', '.join(RUNS)}")
+    parser.add_argument(
+        "--only", nargs="+", choices=list(RUNS), metavar="LABEL", help=f"run only these labels: {', '.join(RUNS)}"
+    )
     parser.add_argument("--table", action="store_true", help="run nothing; build the table from the saved runs")
     parser.add_argument("--corpus", type=Path, default=SHARED_SHAKESPEARE)
     args = parser.parse_args()

@@ -1,8 +1,8 @@
 """`make bench`: run every benchmark and collect their tables into benchmarks/RESULTS.md.
 
-    python benchmarks/run_all.py                 # throughput, data, startup, generate
-    python benchmarks/run_all.py --quality       # + the tiny-shakespeare time-to-target table
-    python benchmarks/run_all.py --quality --ablation
+python benchmarks/run_all.py                 # throughput, data, startup, generate, hf
+python benchmarks/run_all.py --quality       # + the tiny-shakespeare time-to-target table
+python benchmarks/run_all.py --quality --ablation
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS_DIR, machine  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
+NOTES_HEADING = "### Notes"
 
 
 def main() -> None:
@@ -25,7 +26,13 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="short throughput runs (smoke test)")
     parser.add_argument("--collect-only", action="store_true", help="only rebuild RESULTS.md from results/")
     args = parser.parse_args()
-    scripts = [["throughput.py", *(["--quick"] if args.quick else [])], ["data.py"], ["startup.py"], ["generate.py"]]
+    scripts = [
+        ["throughput.py", *(["--quick"] if args.quick else [])],
+        ["data.py"],
+        ["startup.py"],
+        ["generate.py"],
+        ["hf.py"],
+    ]
     if args.quality:
         scripts.append(["quality.py", *(["--ablation"] if args.ablation else [])])
     for script in [] if args.collect_only else scripts:
@@ -44,10 +51,13 @@ def main() -> None:
     )
     tables = [
         (RESULTS_DIR / f"{name}.md").read_text()
-        for name in ("throughput", "data", "startup", "generate", "quality")
+        for name in ("throughput", "data", "startup", "generate", "hf", "quality")
         if (RESULTS_DIR / f"{name}.md").exists()
     ]
-    (HERE / "RESULTS.md").write_text(header + "\n".join(tables))
+    # The hand-written notes at the end of RESULTS.md stay; the tables above them are replaced.
+    previous = (HERE / "RESULTS.md").read_text() if (HERE / "RESULTS.md").exists() else ""
+    notes = previous[previous.index(NOTES_HEADING) :] if NOTES_HEADING in previous else ""
+    (HERE / "RESULTS.md").write_text(header + "\n".join(tables) + ("\n" + notes if notes else ""))
     print((HERE / "RESULTS.md").read_text())
 
 

@@ -41,9 +41,16 @@ class FirstStepClock(L.Callback):
 def time_to_first_step(tmp: Path) -> float:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(BENCH_DIR), os.environ.get("PYTHONPATH", "")])}
     args = [
-        sys.executable, "-m", "lmforge", "train", "trainer.max_steps=2", "scheduler.warmup_steps=1", "test=false",
+        sys.executable,
+        "-m",
+        "lmforge",
+        "train",
+        "trainer.max_steps=2",
+        "scheduler.warmup_steps=1",
+        "test=false",
         "+callbacks.first_step._target_=startup.FirstStepClock",
-        f"paths.log_dir={tmp}/logs", f"paths.data_dir={tmp}/data",
+        f"paths.log_dir={tmp}/logs",
+        f"paths.data_dir={tmp}/data",
     ]
     started = time.time()
     run = subprocess.run(args, env=env, capture_output=True, text=True)
@@ -56,7 +63,7 @@ def time_to_first_step(tmp: Path) -> float:
 
 def import_seconds() -> float:
     started = time.time()
-    subprocess.run([sys.executable, "-c", "import lmforge.train"], check=True)
+    subprocess.run([sys.executable, "-c", "import lmforge.cli.train"], check=True)
     return time.time() - started
 
 
@@ -72,7 +79,7 @@ def main() -> None:
     rows = [
         ["first step, cold token cache (default experiment)", f"{cold:.1f}"],
         ["first step, warm cache (median)", f"{statistics.median(warm):.1f}"],
-        ["`import lmforge.train` (median)", f"{statistics.median(imports):.1f}"],
+        ["`import lmforge.cli.train` (median)", f"{statistics.median(imports):.1f}"],
     ]
     text = "### Start-up (seconds, `lmforge train` to the end of the first optimizer step)\n\n"
     text += markdown_table(["measurement", "seconds"], rows) + f"\nMachine: {machine()['cpu']}.\n"

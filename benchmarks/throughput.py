@@ -53,7 +53,11 @@ CONFIGS = {
     # nanoGPT's shakespeare_char CPU configuration (without the GPT: the default model at its own size).
     "shakespeare_char": dict(
         model=dict(n_layer=4, n_head=4, n_embd=128),  # [gpt]
-        block_size=64, batch_size=12, warmup=30, window=25, rounds=60,
+        block_size=64,
+        batch_size=12,
+        warmup=30,
+        window=25,
+        rounds=60,
     ),
     # [gpt]
     # A larger model: 6 layers, 384 dims, block 256.
@@ -126,13 +130,23 @@ def overrides_for(spec: dict, corpus: Path, tmp: Path, device: tuple[str, ...] =
     model = [f"model.{key}={value}" for key, value in spec.get("model", {}).items()]
     steps = total_steps(spec)
     return [
-        "data=text_files", f"data.path={corpus}", "data.tokenizer=char", "data.split=contiguous",
-        f"data.block_size={spec['block_size']}", f"data.batch_size={spec['batch_size']}", "data.eval_windows=8",
-        *model, f"trainer.max_steps={steps}", f"trainer.val_check_interval={steps + 1}",
+        "data=text_files",
+        f"data.path={corpus}",
+        "data.tokenizer=char",
+        "data.split=contiguous",
+        f"data.block_size={spec['block_size']}",
+        f"data.batch_size={spec['batch_size']}",
+        "data.eval_windows=8",
+        *model,
+        f"trainer.max_steps={steps}",
+        f"trainer.val_check_interval={steps + 1}",
         *device,
-        "test=false", "extras.print_config=false",
-        f"scheduler.warmup_steps={min(10, steps // 2)}", "sample.max_new_tokens=1",
-        f"paths.log_dir={tmp}/logs", f"paths.data_dir={tmp}/data",
+        "test=false",
+        "extras.print_config=false",
+        f"scheduler.warmup_steps={min(10, steps // 2)}",
+        "sample.max_new_tokens=1",
+        f"paths.log_dir={tmp}/logs",
+        f"paths.data_dir={tmp}/data",
     ]
 
 
@@ -140,7 +154,7 @@ def run_plain(spec: dict, cfg, baton: Baton) -> None:
     """(a) The minimal loop: same model class, data windows, AdamW groups, schedule and clipping."""
     from hydra.utils import instantiate
 
-    from lmforge.config import build_datamodule
+    from lmforge.training.config import build_datamodule
 
     datamodule = build_datamodule(cfg.data)
     datamodule.prepare_data()
@@ -151,7 +165,9 @@ def run_plain(spec: dict, cfg, baton: Baton) -> None:
     no_decay = [p for p in model.parameters() if p.ndim < 2]
     optimizer = torch.optim.AdamW(
         [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=cfg.optimizer.lr, betas=tuple(cfg.optimizer.betas), fused=True,  # the kernel the template picks
+        lr=cfg.optimizer.lr,
+        betas=tuple(cfg.optimizer.betas),
+        fused=True,  # the kernel the template picks
     )
     steps, warmup = total_steps(spec), cfg.scheduler.warmup_steps
 
@@ -182,7 +198,7 @@ def run_trainer(cfg) -> None:
     """(b) The template's Trainer path, as `lmforge train` runs it, plus the baton callback."""
     from omegaconf import open_dict
 
-    from lmforge.train import train
+    from lmforge.cli.train import train
 
     with open_dict(cfg):
         cfg.callbacks.baton = {"_target_": f"{__name__}.current_baton"}
@@ -194,12 +210,14 @@ def run_fabric(cfg) -> None:
     """(c) The Fabric loop, as `lmforge fabric` runs it, plus the baton callback."""
     from omegaconf import open_dict
 
-    from lmforge.fabric_train import fit
+    from lmforge.fabric.loop import fit
 
     with open_dict(cfg):
         cfg.callbacks.baton = {"_target_": f"{__name__}.current_baton"}
         cfg.trainer.checkpoint_every_n_steps = cfg.trainer.max_steps
     fit(cfg)
+
+
 # [/fabric]
 
 
@@ -224,8 +242,18 @@ class Worker:
         self.log = tmp / f"worker-{path}.log"
         read_fd, write_fd = os.pipe()
         command = [
-            sys.executable, __file__, "--worker", path, "--spec", json.dumps(spec),
-            "--corpus", str(corpus), "--tmp", str(tmp), "--report-fd", str(write_fd),
+            sys.executable,
+            __file__,
+            "--worker",
+            path,
+            "--spec",
+            json.dumps(spec),
+            "--corpus",
+            str(corpus),
+            "--tmp",
+            str(tmp),
+            "--report-fd",
+            str(write_fd),
         ]
         with self.log.open("w") as log:
             self.process = subprocess.Popen(
@@ -254,12 +282,14 @@ class Worker:
     def finish(self) -> None:
         self.go()
         if self.process.wait() != 0:
-            raise RuntimeError(f"the {self.path} worker failed ({self.process.returncode}):\n{self.log.read_text()[-3000:]}")
+            raise RuntimeError(
+                f"the {self.path} worker failed ({self.process.returncode}):\n{self.log.read_text()[-3000:]}"
+            )
 
 
 def measure(spec: dict, corpus: Path, tmp: Path) -> dict[str, list[list[float]]]:
     """The step times (seconds) of each path's windows, one window per round; the paths take turns."""
-    from lmforge.config import build_datamodule
+    from lmforge.training.config import build_datamodule
 
     build_datamodule(compose(overrides_for(spec, corpus, tmp)).data).prepare_data()  # the workers share the cache
     workers = [Worker(path, spec, corpus, tmp) for path in PATHS]
@@ -268,7 +298,7 @@ def measure(spec: dict, corpus: Path, tmp: Path) -> dict[str, list[list[float]]]
             if w.wait_report() != "ready":
                 raise RuntimeError(f"the {w.path} worker did not get ready")
         for r in range(spec["rounds"]):
-            for w in workers[r % len(workers):] + workers[: r % len(workers)]:  # rotate who goes first
+            for w in workers[r % len(workers) :] + workers[: r % len(workers)]:  # rotate who goes first
                 w.timed_window()
         for w in workers:
             w.finish()
@@ -331,11 +361,18 @@ def main() -> None:
                     "ratio_halves": halves,
                     "step_times": step_times[path],
                 }
-                rows.append([
-                    name, path, f"{seconds * 1e3:.1f}", f"{float(np.median(means)) * 1e3:.1f}",
-                    f"{tokens_per_step / seconds:,.0f}", f"{100 * result[path]['mfu']:.1f}%",
-                    f"{result[path]['ratio_vs_plain']:.3f}", "" if path == "plain" else f"{halves[0]:.3f} / {halves[1]:.3f}",
-                ])
+                rows.append(
+                    [
+                        name,
+                        path,
+                        f"{seconds * 1e3:.1f}",
+                        f"{float(np.median(means)) * 1e3:.1f}",
+                        f"{tokens_per_step / seconds:,.0f}",
+                        f"{100 * result[path]['mfu']:.1f}%",
+                        f"{result[path]['ratio_vs_plain']:.3f}",
+                        "" if path == "plain" else f"{halves[0]:.3f} / {halves[1]:.3f}",
+                    ]
+                )
             payload["configs"][name] = {"spec": spec, **result}
     headers = ["config", "path", "ms/step", "median ms/step", "tokens/s", "MFU", "speed vs plain", "halves"]
     table = markdown_table(headers, rows)

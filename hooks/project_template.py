@@ -36,18 +36,38 @@ TEMPLATE_ONLY = ("cookiecutter.json", "hooks/*", "template_tests/*", "docs/cooki
 # Requirements that only the template's own tests need.
 TEMPLATE_REQUIREMENTS = ("cookiecutter", "pytest-cookies")
 
-# Files removed with an optional part (paths as in this repository, globs allowed). Group
-# options whose defaults list needs a removed config (an experiment on `/model: gpt`) go too,
-# and a primary config whose default was removed switches to the group's remaining option.
+# Files and folders removed with an optional part (paths as in this repository, globs allowed;
+# a folder goes with everything in it). Group options whose defaults list needs a removed config
+# (an experiment on `/model: gpt`) go too, and a primary config whose default was removed
+# switches to the group's remaining option.
 FEATURE_FILES = {
     # Muon optimizes hidden matrices, which only the GPT has; the GPU smoke run (a GPT-2-small
     # with compiled blocks) and the tiny-shakespeare experiments' quality benchmark are the GPT's.
     "gpt": [
-        "src/lmforge/models/gpt.py", "configs/model/gpt.yaml", "configs/optimizer/muon.yaml",
-        "benchmarks/quality.py", "benchmarks/gpu_smoke.sh", "tests/test_benchmarks.py",
+        "src/lmforge/models/gpt.py",
+        # Hugging Face import/export: the GPT-2 and Llama layouts are the GPT's
+        "src/lmforge/models/gpt_hf.py",
+        "src/lmforge/training/pretrained.py",
+        "src/lmforge/cli/export.py",
+        "tests/models/test_gpt_options.py",
+        "tests/models/test_gpt_hf.py",
+        "tests/cli/test_export.py",
+        "docs/pretrained.md",
+        "benchmarks/hf.py",
+        "configs/model/gpt.yaml",
+        "configs/optimizer/muon.yaml",
+        "benchmarks/quality.py",
+        "benchmarks/gpu_smoke.sh",
+        "tests/test_benchmarks.py",
     ],
     "lstm": ["src/lmforge/models/lstm.py", "configs/model/lstm.yaml"],
-    "fabric": ["src/lmforge/fabric_train.py", "configs/fabric.yaml", "tests/test_fabric.py"],
+    "fabric": [
+        "src/lmforge/fabric",
+        "src/lmforge/cli/fabric.py",
+        "configs/fabric.yaml",
+        "tests/fabric",
+        "docs/fabric.md",
+    ],
 }
 # Words that name an optional part without depending on it; the template's tests accept them in
 # a project without that part (every other mention of `gpt`, `lstm` or `fabric` in its README,
@@ -63,8 +83,19 @@ FEATURES = (*FEATURE_FILES, "template")
 
 # Without git (a template from an archive): what a local checkout holds that is not the project.
 IGNORED_DIR_NAMES = {
-    ".git", ".venv", "venv", "__pycache__", ".pytest_cache", ".mypy_cache", ".ruff_cache",
-    ".ipynb_checkpoints", ".idea", ".vscode", "build", "dist",
+    ".git",
+    ".venv",
+    "venv",
+    "__pycache__",
+    ".pytest_cache",
+    ".mypy_cache",
+    ".ruff_cache",
+    ".import_linter_cache",
+    ".ipynb_checkpoints",
+    ".idea",
+    ".vscode",
+    "build",
+    "dist",
 }
 IGNORED_ROOT_PATHS = {"data", "outputs", "multirun", "benchmarks/results"}
 IGNORED_FILE_PATTERNS = ("*.pyc", "*.egg-info", ".stamp-*", ".DS_Store")
@@ -72,9 +103,24 @@ KEPT_IN_IGNORED = {"logs/.gitkeep"}  # `logs/` holds runs; only its placeholder 
 
 CREDIT = "Created from the lmforge template"  # + " (<template URL>)." in the README
 RESERVED_PACKAGE_NAMES = {
-    "torch", "lightning", "pytorch_lightning", "lightning_fabric", "lightning_utilities",
-    "torchmetrics", "tensorboard", "hydra", "omegaconf", "tokenizers", "rich", "numpy",
-    "filelock", "pytest", "yaml", "conftest", "tests",
+    "torch",
+    "lightning",
+    "pytorch_lightning",
+    "lightning_fabric",
+    "lightning_utilities",
+    "torchmetrics",
+    "tensorboard",
+    "hydra",
+    "omegaconf",
+    "tokenizers",
+    "rich",
+    "numpy",
+    "filelock",
+    "pytest",
+    "yaml",
+    "conftest",
+    "helpers",
+    "tests",
 }
 LICENSES = {"MIT": "MIT.txt", "Apache-2.0": "Apache-2.0.txt", "BSD-3-Clause": "BSD-3-Clause.txt"}
 CHOICES = {
@@ -113,7 +159,9 @@ def _git_files(root: Path) -> list[str] | None:
     try:
         listed = subprocess.run(
             ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
-            cwd=root, capture_output=True, check=True,
+            cwd=root,
+            capture_output=True,
+            check=True,
         ).stdout
     except (OSError, subprocess.CalledProcessError):
         return None
@@ -125,7 +173,8 @@ def _walked_files(root: Path) -> list[str]:
     for directory, dirnames, filenames in os.walk(root):
         relative_dir = Path(directory).relative_to(root).as_posix()
         dirnames[:] = [
-            name for name in dirnames
+            name
+            for name in dirnames
             if name not in IGNORED_DIR_NAMES
             and not name.endswith(".egg-info")
             and _join(relative_dir, name) not in IGNORED_ROOT_PATHS
@@ -227,10 +276,11 @@ def finalize(project: Path, answers: dict) -> None:
     for feature in removed:
         for pattern in FEATURE_FILES[feature]:
             for path in project.glob(pattern):
-                relative = path.relative_to(project)
-                if relative.parts[0] == "src" and path.suffix == ".py":
-                    removed_modules.append(".".join(relative.with_suffix("").parts[1:]))
-                path.unlink()
+                removed_modules += _modules_in(project, path)
+                if path.is_dir() and not path.is_symlink():
+                    shutil.rmtree(path)
+                else:
+                    path.unlink()
     for path, text in text_files(project):
         trimmed = apply_markers(text, removed | {"template"}, where=path.relative_to(project).as_posix())
         if trimmed != text:
@@ -245,6 +295,18 @@ def finalize(project: Path, answers: dict) -> None:
     write_pyproject_metadata(project / "pyproject.toml", answers)
     write_license(project, answers)
     write_readme(project / "README.md", answers)
+
+
+def _modules_in(project: Path, path: Path) -> list[str]:
+    """The dotted names of the package modules at ``path`` (a file or a folder) in ``project``."""
+    files = sorted(path.rglob("*.py")) if path.is_dir() else [path]
+    modules = []
+    for file in files:
+        relative = file.relative_to(project)
+        if relative.parts[0] == "src" and file.suffix == ".py":
+            parts = relative.with_suffix("").parts[1:]
+            modules.append(".".join(parts[:-1] if parts[-1] == "__init__" else parts))
+    return modules
 
 
 def text_files(root: Path):
@@ -298,7 +360,7 @@ def apply_markers(text: str, removed: set[str], where: str = "<text>") -> str:
         if inline:
             if _dropped(inline["neg"], inline["feature"], removed):
                 continue
-            line = inline["code"] + line[len(line.rstrip("\r\n")):]
+            line = inline["code"] + line[len(line.rstrip("\r\n")) :]
         if swallow_blanks and not line.strip():
             continue
         swallow_blanks = False
@@ -341,7 +403,7 @@ def _defaults_entries(text: str):
 
 def _replace_line(text: str, index: int, new_line: str) -> str:
     lines = text.splitlines(keepends=True)
-    lines[index] = new_line + lines[index][len(lines[index].rstrip("\r\n")):]
+    lines[index] = new_line + lines[index][len(lines[index].rstrip("\r\n")) :]
     return "".join(lines)
 
 

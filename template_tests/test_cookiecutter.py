@@ -1,8 +1,9 @@
 """The cookiecutter template: the hooks' rules, and projects generated from this checkout.
 
 The fast tests check the hooks' pieces; the slow ones bake projects with cookiecutter (through
-pytest-cookies) from a clean copy of this checkout and run checks, or the whole fast test
-suite, inside them with the current interpreter (nothing is installed).
+pytest-cookies) from a clean copy of this checkout and run checks, their fast test suite or
+their whole test suite inside them with the current interpreter (nothing is installed).
+``template_tests/bake_all.py`` runs the whole suite of every model/Fabric combination.
 """
 
 from __future__ import annotations
@@ -14,10 +15,10 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 from slugify import slugify
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -27,8 +28,9 @@ import project_template as template  # noqa: E402
 
 CONTEXT = json.loads((REPO_ROOT / "cookiecutter.json").read_text(encoding="utf-8"))
 
-# Answers baked by the slow tests. Each bake gets the cheap checks; FULL_SUITE ones also run
-# the generated project's whole fast test suite (tens of seconds each).
+# Answers baked by the slow tests. Each bake gets the cheap checks; FAST_SUITE ones also run the
+# generated project's fast test suite (`-m "not slow"`, a few minutes each on 2 cores), WHOLE_SUITE
+# ones its whole test suite, slow tests included (about 10 minutes on 2 cores).
 BAKES = {
     "defaults": {},
     "lstm-no-fabric": {"project_name": "My LM", "model": "lstm", "include_fabric": "no"},
@@ -40,14 +42,23 @@ BAKES = {
         "author_email": "",
     },
     "both-no-fabric-text-files": {
-        "model": "both", "include_fabric": "no", "default_corpus": "text_files", "license": "Apache-2.0",
+        "model": "both",
+        "include_fabric": "no",
+        "default_corpus": "text_files",
+        "license": "Apache-2.0",
     },
     "lstm-with-fabric": {"project_name": "Rnn Lab", "model": "lstm", "license": "BSD-3-Clause"},
 }
-FULL_SUITE = ("lstm-no-fabric", "gpt-unicode-name")
+FAST_SUITE = ("gpt-unicode-name",)
+WHOLE_SUITE = ("lstm-no-fabric",)
 
 # Files of a local checkout that are not the project; the bakes must leave them out.
-IGNORED_JUNK = (".venv/bin/python3", "logs/train/runs/x/train.log", "data/cache/tokens.bin", "src/lmforge/__pycache__/x.pyc")
+IGNORED_JUNK = (
+    ".venv/bin/python3",
+    "logs/train/runs/x/train.log",
+    "data/cache/tokens.bin",
+    "src/lmforge/__pycache__/x.pyc",
+)
 # A project file that has Jinja-like syntax for reasons of its own; it must come out unchanged.
 JINJA_LOOKALIKE = ".github/workflows/ci.yml"
 JINJA_LOOKALIKE_TEXT = "on: push\njobs:\n  test:\n    runs-on: ${{ matrix.os }}  # {% raw %} {{ x }} {# y #}\n"
@@ -104,15 +115,29 @@ def test_unbalanced_markers_fail_loudly(text, message):
 def test_markers_in_this_repository_are_balanced():
     for path in template.project_files(REPO_ROOT):
         full = REPO_ROOT / path
-        if full.is_file() and full.suffix in (".py", ".yaml", ".md", ".toml", ".txt", "") and full.stat().st_size < 2**20:
-            template.apply_markers(full.read_text(encoding="utf-8", errors="replace"), set(template.FEATURES), where=path)
+        if (
+            full.is_file()
+            and full.suffix in (".py", ".yaml", ".md", ".toml", ".txt", "")
+            and full.stat().st_size < 2**20
+        ):
+            template.apply_markers(
+                full.read_text(encoding="utf-8", errors="replace"), set(template.FEATURES), where=path
+            )
 
 
 def answers(**changes) -> dict:
     defaults = {
-        "project_name": "My LM", "project_slug": "my-lm", "package_name": "my_lm", "description": "d",
-        "author_name": "A", "author_email": "", "license": "MIT", "python_version": "3.10",
-        "model": "both", "include_fabric": "yes", "default_corpus": "stdlib",
+        "project_name": "My LM",
+        "project_slug": "my-lm",
+        "package_name": "my_lm",
+        "description": "d",
+        "author_name": "A",
+        "author_email": "",
+        "license": "MIT",
+        "python_version": "3.10",
+        "model": "both",
+        "include_fabric": "yes",
+        "default_corpus": "stdlib",
     }
     return defaults | changes
 
@@ -125,7 +150,10 @@ def answers(**changes) -> dict:
         (dict(package_name="class"), "package_name 'class' is not a valid Python package name"),
         (dict(package_name="json"), "package_name 'json' would shadow the module 'json'"),
         (dict(package_name="torch"), "package_name 'torch' would shadow"),
-        (dict(python_version="3.8"), r"python_version '3\.8' is not supported.*N >= 10 \(e\.g\. python_version=3\.10\)"),
+        (
+            dict(python_version="3.8"),
+            r"python_version '3\.8' is not supported.*N >= 10 \(e\.g\. python_version=3\.10\)",
+        ),
         (dict(python_version="3"), "python_version '3' is not supported"),
         (dict(project_slug="My LM"), "project_slug 'My LM' is not a valid distribution and folder name"),
         (dict(project_name="  "), "project_name is empty"),
@@ -169,7 +197,7 @@ def test_manifest_names_files_of_this_repository():
 
 def test_project_files_follow_git_and_the_fallback_agrees(tmp_path):
     listed = template.project_files(REPO_ROOT)
-    assert {"pyproject.toml", "Makefile", ".gitignore", ".ci/run", "src/lmforge/cli.py"} <= set(listed)
+    assert {"pyproject.toml", "Makefile", ".gitignore", ".ci/run", "src/lmforge/cli/__init__.py"} <= set(listed)
     assert not [p for p in listed if template.is_template_only(p)]
     assert not [p for p in listed if p.split("/")[0] in (".venv", "data", ".git") or "__pycache__" in p]
     assert not [p for p in listed if p.startswith("logs/") and p != "logs/.gitkeep"]
@@ -192,7 +220,12 @@ def test_project_files_follow_git_and_the_fallback_agrees(tmp_path):
 @pytest.fixture(scope="session")
 def template_source(tmp_path_factory) -> Path:
     """A copy of this checkout as git sees it (with .git), plus ignored junk and a Jinja look-alike."""
-    source = tmp_path_factory.mktemp("template") / "lmforge"
+    return copy_template(tmp_path_factory.mktemp("template") / "lmforge")
+
+
+def copy_template(source: Path) -> Path:
+    """Copy this checkout's project and template files (with .git) to ``source``, plus ignored junk
+    and a Jinja look-alike; a local template as a user's clone would be."""
     for path in template.project_files(REPO_ROOT) + _template_only_files():
         (source / path).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(REPO_ROOT / path, source / path)
@@ -209,7 +242,9 @@ def _template_only_files() -> list[str]:
     files = []
     for pattern in template.TEMPLATE_ONLY:
         path = REPO_ROOT / pattern.removesuffix("/*")
-        found = [f for f in path.rglob("*") if f.is_file() and "__pycache__" not in f.parts] if path.is_dir() else [path]
+        found = (
+            [f for f in path.rglob("*") if f.is_file() and "__pycache__" not in f.parts] if path.is_dir() else [path]
+        )
         files += [f.relative_to(REPO_ROOT).as_posix() for f in found if f.exists()]
     return files
 
@@ -250,7 +285,11 @@ def run_in(project: Path, *args: str, timeout: float = 900) -> subprocess.Comple
 
 def config_options(config_dir: Path) -> set[str]:
     """``group=option`` for every option of every config group."""
-    return {f"{p.parent.relative_to(config_dir).as_posix()}={p.stem}" for p in config_dir.rglob("*.yaml") if p.parent != config_dir}
+    return {
+        f"{p.parent.relative_to(config_dir).as_posix()}={p.stem}"
+        for p in config_dir.rglob("*.yaml")
+        if p.parent != config_dir
+    }
 
 
 def leftovers(project: Path, removed: set[str]) -> list[str]:
@@ -258,8 +297,9 @@ def leftovers(project: Path, removed: set[str]) -> list[str]:
     config option (``optimizer=muon``, or `` `muon` `` in the README) that should not be there."""
     found = []
     gone = config_options(REPO_ROOT / "configs") - config_options(project / "configs")
-    gone_options = re.compile("|".join(
-        rf"\b{re.escape(o)}\b|`{re.escape(o.split('=')[1])}`" for o in sorted(gone)) or r"(?!)")
+    gone_options = re.compile(
+        "|".join(rf"\b{re.escape(o)}\b|`{re.escape(o.split('=')[1])}`" for o in sorted(gone)) or r"(?!)"
+    )
     for path in sorted(project.rglob("*")):
         relative = path.relative_to(project).as_posix()
         if re.search("lmforge|cookiecutter", relative, re.IGNORECASE):
@@ -297,7 +337,9 @@ from hydra import compose, initialize_config_dir
 
 package, pytest_args = sys.argv[1], sys.argv[2:]
 root = importlib.import_module(package)
-modules = [package] + [m.name for m in pkgutil.walk_packages(root.__path__, package + ".") if not m.name.endswith("__main__")]
+modules = [package] + [
+    m.name for m in pkgutil.walk_packages(root.__path__, package + ".") if not m.name.endswith("__main__")
+]
 for name in modules:
     importlib.import_module(name)
 for module, _ in importlib.import_module(package + ".cli").COMMANDS.values():
@@ -310,7 +352,8 @@ for path in Path(".").rglob("*.py"):
     guarded = {id(n) for t in ast.walk(tree) if isinstance(t, ast.Try) for n in ast.walk(t)
                if any("ImportError" in ast.unparse(h.type or ast.Name("x")) for h in t.handlers)}
     for node in ast.walk(tree):
-        if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == package and id(node) not in guarded:
+        ours = isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == package
+        if ours and id(node) not in guarded:
             module = importlib.import_module(node.module)
             for alias in node.names:
                 assert hasattr(module, alias.name) or importlib.util.find_spec(f"{node.module}.{alias.name}"), \
@@ -357,15 +400,31 @@ def expected_paths(ctx: dict) -> tuple[set[str], set[str]]:
     """(paths that must exist, paths that must not) in a bake with answers ``ctx``."""
     package = ctx["package_name"]
     present = {
-        "pyproject.toml", "Makefile", "README.md", ".gitignore", ".ci/run", "constraints.txt", "logs/.gitkeep",
-        "configs/train.yaml", "tests/conftest.py", f"src/{package}/cli.py", f"src/{package}/models/base.py",
+        "pyproject.toml",
+        "Makefile",
+        "README.md",
+        ".gitignore",
+        ".ci/run",
+        "constraints.txt",
+        "logs/.gitkeep",
+        "configs/train.yaml",
+        "tests/conftest.py",
+        "tests/helpers.py",
+        f"src/{package}/cli/__init__.py",
+        f"src/{package}/models/base.py",
         JINJA_LOOKALIKE,
     }
     absent = {"cookiecutter.json", "hooks", "template_tests", "docs/cookiecutter.md", *IGNORED_JUNK, "data", ".venv"}
     parts = {
         "gpt": {f"src/{package}/models/gpt.py", "configs/model/gpt.yaml", "configs/experiment/shakespeare_char.yaml"},
         "lstm": {f"src/{package}/models/lstm.py", "configs/model/lstm.yaml"},
-        "fabric": {f"src/{package}/fabric_train.py", "configs/fabric.yaml", "tests/test_fabric.py"},
+        "fabric": {
+            f"src/{package}/fabric/loop.py",
+            f"src/{package}/cli/fabric.py",
+            "configs/fabric.yaml",
+            "tests/fabric/test_fabric_loop.py",
+            "docs/fabric.md",
+        },
     }
     removed = template.removed_features(ctx)
     for feature, paths in parts.items():
@@ -389,10 +448,12 @@ def test_bake_is_renamed_trimmed_and_described(name, bake):
     assert os.access(project / ".ci/run", os.X_OK)
     assert (project / JINJA_LOOKALIKE).read_text() == JINJA_LOOKALIKE_TEXT
     # A project file with `{{64}}` in an f-string: only the markers and the rename touch it.
-    original = (REPO_ROOT / "tests/test_data.py").read_text(encoding="utf-8")
+    original = (REPO_ROOT / "tests/data/test_data.py").read_text(encoding="utf-8")
     assert "{{" in original
     expected = template.apply_markers(original, template.removed_features(ctx) | {"template"})
-    assert (project / "tests/test_data.py").read_text(encoding="utf-8") == expected.replace("lmforge", ctx["package_name"])
+    assert (project / "tests/data/test_data.py").read_text(encoding="utf-8") == expected.replace(
+        "lmforge", ctx["package_name"]
+    )
     found = leftovers(project, template.removed_features(ctx))
     assert not found, "leftovers (mark them, see docs/cookiecutter.md):\n" + "\n".join(found)
 
@@ -401,7 +462,9 @@ def test_bake_is_renamed_trimmed_and_described(name, bake):
     assert meta["name"] == ctx["project_slug"]
     assert meta["description"] == ctx["description"]
     assert meta["requires-python"] == ">=" + ctx["python_version"]
-    assert meta["authors"] == [{"name": ctx["author_name"]} | ({"email": ctx["author_email"]} if ctx["author_email"] else {})]
+    assert meta["authors"] == [
+        {"name": ctx["author_name"]} | ({"email": ctx["author_email"]} if ctx["author_email"] else {})
+    ]
     assert meta["scripts"] == {ctx["package_name"]: f"{ctx['package_name']}.cli:main"}
     assert pyproject["tool"]["pytest"]["ini_options"]["testpaths"] == ["tests"]
     if ctx["license"] == "none":
@@ -430,12 +493,19 @@ def test_bake_imports_composes_and_passes_its_tests(name, bake):
     result = bake(name)
     assert result.exit_code == 0, result.exception
     project, package = result.project_path, context_of(name)["package_name"]
-    quiet = ["-q", "-p", "no:cacheprovider", "--show-capture=no"]
-    pytest_args = ["-m", "not slow", "-x", *quiet] if name in FULL_SUITE else ["--collect-only", *quiet]
-    checked = run_in(project, "-c", CHECK_PROJECT, package, *pytest_args)
+    suite = "whole" if name in WHOLE_SUITE else "fast" if name in FAST_SUITE else None
+    checked = check_project(project, package, suite, "-x")
     assert checked.returncode == 0, checked.stdout[-5000:] + checked.stderr[-3000:]
     assert re.search(r"composed [1-9]\d* group options", checked.stdout)
-    assert re.search(r"\d+ passed" if name in FULL_SUITE else r"\d+ tests? collected", checked.stdout)
+    assert re.search(r"\d+ passed" if suite else r"\d+ tests? collected", checked.stdout)
+
+
+def check_project(project: Path, package: str, suite: str | None, *pytest_args: str) -> subprocess.CompletedProcess:
+    """CHECK_PROJECT in a generated project, then its ``"whole"`` test suite (slow tests included),
+    its ``"fast"`` one (``-m "not slow"``), or, for ``None``, only the collection of its tests."""
+    quiet = ["-q", "-p", "no:cacheprovider", "--show-capture=no", *pytest_args]
+    selection = {"whole": [], "fast": ["-m", "not slow"], None: ["--collect-only"]}[suite]
+    return run_in(project, "-c", CHECK_PROJECT, package, *selection, *quiet, timeout=3600 if suite else 900)
 
 
 @pytest.mark.slow
@@ -453,9 +523,22 @@ def test_invalid_answers_stop_before_anything_is_generated(answer, message, temp
     scratch = tmp_path / "scratch"  # cookiecutter leaves its template copy behind when a hook fails
     scratch.mkdir()
     generated = subprocess.run(
-        [sys.executable, "-m", "cookiecutter", str(template_source), "--no-input", "-o", str(output),
-         "--config-file", str(config), answer],
-        capture_output=True, text=True, timeout=300, env={**os.environ, "TMPDIR": str(scratch)},
+        [
+            sys.executable,
+            "-m",
+            "cookiecutter",
+            str(template_source),
+            "--no-input",
+            "-o",
+            str(output),
+            "--config-file",
+            str(config),
+            answer,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "TMPDIR": str(scratch)},
     )
     assert generated.returncode != 0
     assert message in generated.stderr

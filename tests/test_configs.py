@@ -7,24 +7,19 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+from helpers import compose_config
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from lmforge.config import CONFIG_DIR, build_datamodule, instantiate_all
 from lmforge.data import LMDataModule
 from lmforge.models.base import LanguageModel
+from lmforge.training.config import CONFIG_PATH, build_datamodule, instantiate_all
 
-from conftest import compose_config
-
-GROUPS = sorted(p.name for p in Path(CONFIG_DIR).iterdir() if p.is_dir() and p.name != "hydra")
+GROUPS = sorted(p.name for p in Path(CONFIG_PATH).iterdir() if p.is_dir() and p.name != "hydra")
 
 
 def group_options() -> list[tuple[str, str]]:
-    return [
-        (group, option.stem)
-        for group in GROUPS
-        for option in sorted((Path(CONFIG_DIR) / group).glob("*.yaml"))
-    ]
+    return [(group, option.stem) for group in GROUPS for option in sorted((Path(CONFIG_PATH) / group).glob("*.yaml"))]
 
 
 @pytest.mark.parametrize("group,option", group_options(), ids=lambda v: str(v))
@@ -78,7 +73,7 @@ def test_every_target_exists():
 
     import yaml
 
-    for path in Path(CONFIG_DIR).rglob("*.yaml"):
+    for path in Path(CONFIG_PATH).rglob("*.yaml"):
         for target in _targets(yaml.safe_load(path.read_text()) or {}):
             module_name, _, attr = target.rpartition(".")
             assert hasattr(importlib.import_module(module_name), attr), f"{path}: {target}"
@@ -101,7 +96,7 @@ def test_run_dirs_of_same_second_differ(tmp_path):
     from hydra.core.global_hydra import GlobalHydra
 
     GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+    with initialize_config_dir(config_dir=CONFIG_PATH, version_base="1.3"):
         first = compose("train", return_hydra_config=True).hydra.run.dir
         second = compose("train", return_hydra_config=True).hydra.run.dir
     assert first != second

@@ -1,5 +1,8 @@
 """Errors a user can fix, and how the command line reports them.
 
+Every user-error class lives here, and this module imports nothing else of lmforge, so any
+layer can raise them (the import contracts in ``pyproject.toml`` keep it a leaf).
+
 A problem with the user's input (a bad path, a config value that cannot work, an unusable
 checkpoint, a full disk) raises an exception whose message is one line saying what is wrong
 and how to fix it. :func:`reported_errors` wraps the body of each ``lmforge <command>`` and
@@ -22,20 +25,34 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from omegaconf.errors import InterpolationToMissingValueError, MissingMandatoryValue
 
-from lmforge.checkpoint import CheckpointError
-from lmforge.data.sources import DataError
-
 USER_ERROR_EXIT_CODE = 1
 # Failures to write or read a file that the user fixes (free space, permissions), not bugs.
 _USER_OS_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM})
 # How gloo and NCCL report a collective that another rank never joined (it hung or died).
 _COLLECTIVE_FAILURES = re.compile(
-    r"Timed out waiting \d+ms|Connection closed by peer|Connection reset by peer|collective operation timeout"
+    r"Timed out waiting \d+ms|Connection closed by peer"
+    r"|Connection reset by peer|collective operation timeout"
 )
 
 
 class ConfigError(ValueError):
     """A config value that cannot work; the message names the key and a value that does."""
+
+
+class PrecisionError(ConfigError):
+    """A ``trainer.precision`` the hardware or strategy cannot run; the message lists the ones it can."""
+
+
+class DataError(ValueError):
+    """A data problem the user can fix; the message is one line saying what is wrong and how to fix it."""
+
+
+class CheckpointError(ValueError):
+    """A checkpoint path that cannot be used, with a message that says how to fix it."""
+
+
+class ConversionError(ValueError):
+    """A model that cannot be converted from or to another format (e.g. Hugging Face); the message names why."""
 
 
 class NonFiniteLossError(RuntimeError):
@@ -46,7 +63,7 @@ def user_error_message(exc: BaseException) -> str | None:
     """The one-line message of a user error (unwrapping Hydra's instantiation errors), else None."""
     if isinstance(exc, InstantiationException) and exc.__cause__ is not None:
         exc = exc.__cause__
-    if isinstance(exc, (DataError, CheckpointError, ConfigError, NonFiniteLossError)):
+    if isinstance(exc, (DataError, CheckpointError, ConfigError, ConversionError, NonFiniteLossError)):
         return str(exc)
     if isinstance(exc, (MissingMandatoryValue, InterpolationToMissingValueError)):
         missing = re.search(r"Missing mandatory value: (\S+)", str(exc))
@@ -56,10 +73,7 @@ def user_error_message(exc: BaseException) -> str | None:
         rank = os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))
         return (
             f"rank {rank}: a collective operation failed ({failure[0]}): another process of this job hung or died, "
-            "see its output; if steps legitimately take that long, raise the process-group timeout "
-            "(trainer.strategy.timeout.seconds"
-            ", or fabric.process_group_timeout for lmforge fabric"  # [fabric]
-            ")"
+            "see its output; if steps legitimately take that long, raise process_group_timeout (seconds)"
         )
     if isinstance(exc, OSError) and exc.errno in _USER_OS_ERRNOS:
         where = f" {exc.filename}" if exc.filename else ""

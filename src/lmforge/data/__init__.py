@@ -2,9 +2,10 @@
 
 from lmforge.data.cache import CachedCorpus, prepare_corpus
 from lmforge.data.datamodule import LMDataModule
-from lmforge.data.sources import CorpusSource, DataError, DownloadedTextSource, StdlibSource, TextFilesSource
+from lmforge.data.sources import CorpusSource, DownloadedTextSource, StdlibSource, TextFilesSource
 from lmforge.data.tokenizer import EOT_TOKEN, encode_documents, load_tokenizer, save_tokenizer, train_tokenizer
 from lmforge.data.windows import EvalWindows, MicroBatchSampler, TrainWindows
+from lmforge.errors import DataError
 
 __all__ = [
     "EOT_TOKEN",

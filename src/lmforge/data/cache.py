@@ -38,7 +38,7 @@ from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 from tokenizers import Tokenizer
 
-from lmforge.data.sources import CorpusSource, DataError
+from lmforge.data.sources import CorpusSource
 from lmforge.data.tokenizer import (
     TOKENIZER_KINDS,
     encode_documents,
@@ -47,6 +47,7 @@ from lmforge.data.tokenizer import (
     save_tokenizer,
     train_tokenizer,
 )
+from lmforge.errors import DataError
 
 CACHE_VERSION = 1
 SPLITS = ("train", "val", "test")

@@ -17,9 +17,10 @@ from lmforge.data.cache import (
     check_tokenizer_train_bytes,
     prepare_corpus,
 )
-from lmforge.data.sources import CorpusSource, DataError
+from lmforge.data.sources import CorpusSource
 from lmforge.data.tokenizer import TOKENIZER_KINDS
 from lmforge.data.windows import EvalWindows, MicroBatchSampler, TrainWindows, check_fits
+from lmforge.errors import DataError
 
 log = logging.getLogger("lmforge.data")
 
@@ -101,7 +102,10 @@ class LMDataModule(pl.LightningDataModule):
         self._tokens: dict[str, np.ndarray] = {}
 
     def prepare_data(self) -> None:
-        """Build the token cache, or reuse it (cheap). Safe to call from every process."""
+        """Build the token cache, or reuse it (cheap). Safe to call from every process; a no-op once done
+        (Lightning calls it again before fitting and testing)."""
+        if self._corpus is not None:
+            return
         self._corpus = prepare_corpus(
             self.source,
             tokenizer_kind=self.tokenizer_kind,

@@ -24,11 +24,9 @@ from pathlib import Path
 
 from filelock import FileLock
 
+from lmforge.errors import DataError
+
 log = logging.getLogger("lmforge.data")
-
-
-class DataError(ValueError):
-    """A data problem the user can fix; the message is one line saying what is wrong and how to fix it."""
 
 
 class CorpusSource(ABC):

@@ -18,11 +18,14 @@ from pathlib import Path
 
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from lmforge.data.sources import DataError
+from lmforge.errors import DataError
 
 EOT_TOKEN = "<|endoftext|>"
 UNK_TOKEN = "[UNK]"
 TOKENIZER_KINDS = ("bpe", "char", "bytes")
+# What separates documents in the token stream: lmforge's EOT, else the end-of-text token of
+# a pretrained tokenizer (Llama 3, Llama 2 / Mistral, chat models, Gemma), in this order.
+END_OF_TEXT_TOKENS = (EOT_TOKEN, "<|end_of_text|>", "</s>", "<|im_end|>", "<eos>")
 MIN_BPE_VOCAB = 257  # 256 byte tokens + EOT
 
 log = logging.getLogger("lmforge.data")
@@ -95,11 +98,16 @@ def _build_bytes() -> Tokenizer:
 
 
 def eot_id(tokenizer: Tokenizer) -> int:
-    """The id of :data:`EOT_TOKEN` in ``tokenizer``."""
-    token_id = tokenizer.token_to_id(EOT_TOKEN)
-    if token_id is None:
-        raise DataError(f"the tokenizer has no {EOT_TOKEN} token; rebuild it with lmforge")
-    return token_id
+    """The id of the token that ends each document: :data:`EOT_TOKEN`, or in a pretrained model's
+    tokenizer that lacks it, the first of its end-of-text tokens in :data:`END_OF_TEXT_TOKENS`."""
+    for token in END_OF_TEXT_TOKENS:
+        token_id = tokenizer.token_to_id(token)
+        if token_id is not None:
+            return token_id
+    raise DataError(
+        f"the tokenizer has no end-of-text token (none of {', '.join(END_OF_TEXT_TOKENS)}); "
+        "rebuild it with lmforge, or use a tokenizer that has one"
+    )
 
 
 def encode_documents(tokenizer: Tokenizer, texts: list[str]) -> list[list[int]]:

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from lmforge.data.sources import DataError
+from lmforge.errors import DataError
 
 EVAL_STREAM = 0x5EED_E7A1  # separates the eval window draw from the training draws of the same seed
 

@@ -3,8 +3,10 @@
 Pre-norm blocks (norm -> causal self-attention -> residual, norm -> MLP ->
 residual), then a final norm and a linear head over the vocabulary. Options:
 learned or rotary (RoPE) positions, LayerNorm or RMSNorm, GELU / squared-ReLU /
-SwiGLU MLPs, per-head RMSNorm of queries and keys (QK-norm), weight tying
-between the token embedding and the head.
+SwiGLU MLPs, per-head RMSNorm of queries and keys (QK-norm), grouped-query
+attention (fewer key/value heads than query heads), weight tying between the
+token embedding and the head. The options cover the GPT-2 and Llama-family
+layouts, so their Hugging Face weights load into this class (see ``gpt_hf.py``).
 """
 
 from __future__ import annotations
@@ -20,14 +22,15 @@ from lmforge.models.base import LanguageModel
 
 POS_EMBEDDINGS = ("learned", "rope")
 NORMS = ("layernorm", "rmsnorm")
-MLPS = ("gelu", "swiglu", "relu2")
+MLPS = ("gelu", "gelu_tanh", "swiglu", "relu2")
+DEFAULT_NORM_EPS = {"layernorm": 1e-5, "rmsnorm": 1e-6}
 
 
-def make_norm(kind: str, dim: int, bias: bool) -> nn.Module:
+def make_norm(kind: str, dim: int, bias: bool, eps: float) -> nn.Module:
     """A LayerNorm (with a bias if ``bias``) or an RMSNorm over the last ``dim`` features."""
     if kind == "layernorm":
-        return nn.LayerNorm(dim, bias=bias)
-    return nn.RMSNorm(dim, eps=1e-6)
+        return nn.LayerNorm(dim, eps=eps, bias=bias)
+    return nn.RMSNorm(dim, eps=eps)
 
 
 def rope_tables(head_dim: int, max_len: int, base: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -49,7 +52,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 @dataclass
 class KVCache:
-    """GPT generation state: per-layer keys and values (B, n_head, block_size, head_dim), the first ``pos`` filled."""
+    """GPT generation state: per-layer keys and values (B, n_kv_head, block_size, head_dim), ``pos`` filled."""
 
     keys: list[torch.Tensor]
     values: list[torch.Tensor]
@@ -57,14 +60,22 @@ class KVCache:
 
 
 class CausalSelfAttention(nn.Module):
-    """Multi-head self-attention where each position attends to itself and the positions before it."""
+    """Multi-head self-attention where each position attends to itself and the positions before it.
 
-    def __init__(self, n_embd: int, n_head: int, dropout: float, bias: bool, qk_norm: bool):
+    With ``n_kv_head`` < ``n_head`` (grouped-query attention), each group of n_head / n_kv_head
+    query heads shares one key/value head, which shrinks the KV cache by that factor.
+    """
+
+    def __init__(
+        self, n_embd: int, n_head: int, n_kv_head: int, dropout: float, bias: bool, qkv_bias: bool, qk_norm: bool
+    ):
         super().__init__()
         self.n_head = n_head
+        self.n_kv_head = n_kv_head
         self.head_dim = n_embd // n_head
         self.dropout = dropout
-        self.c_attn = nn.Linear(n_embd, 3 * n_embd, bias=bias)  # queries, keys and values together
+        # queries (n_head heads), keys and values (n_kv_head heads each) in one matrix
+        self.c_attn = nn.Linear(n_embd, (n_head + 2 * n_kv_head) * self.head_dim, bias=qkv_bias)
         self.c_proj = nn.Linear(n_embd, n_embd, bias=bias)
         self.resid_dropout = nn.Dropout(dropout)
         self.q_norm = nn.RMSNorm(self.head_dim, eps=1e-6) if qk_norm else None
@@ -84,18 +95,20 @@ class CausalSelfAttention(nn.Module):
         attend to everything cached so far.
         """
         B, T, C = x.shape
-        q, k, v = (
-            t.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, n_head, T, head_dim)
-            for t in self.c_attn(x).split(C, dim=2)
-        )
+        kv_dim = self.n_kv_head * self.head_dim
+        q, k, v = self.c_attn(x).split((C, kv_dim, kv_dim), dim=2)
+        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, n_head, T, head_dim)
+        k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, n_kv_head, T, head_dim)
+        v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
 
         dropout_p = self.dropout if self.training else 0.0
+        gqa = self.n_kv_head != self.n_head
         if kv_cache is None:
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True, enable_gqa=gqa)
         else:
             keys, values = kv_cache
             keys[:, :, pos : pos + T] = k
@@ -107,7 +120,7 @@ class CausalSelfAttention(nn.Module):
             mask = None
             if T > 1:
                 mask = torch.ones(T, pos + T, dtype=torch.bool, device=x.device).tril(diagonal=pos)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, enable_gqa=gqa)
 
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
@@ -116,20 +129,22 @@ class CausalSelfAttention(nn.Module):
 class MLP(nn.Module):
     """Position-wise feed-forward network.
 
-    "gelu" and "relu2" (relu(x)^2) use a hidden size of 4 * n_embd, i.e. two
-    n_embd x 4n_embd matrices. "swiglu" computes silu(x W_gate) * (x W_up) W_down
-    with three matrices, so its hidden size is 8/3 * n_embd (rounded up to a
-    multiple of 8) to keep about the same parameter count and FLOPs.
+    "gelu", "gelu_tanh" (GPT-2's tanh approximation of GELU) and "relu2" (relu(x)^2)
+    use two matrices with a hidden size of 4 * n_embd by default. "swiglu" computes
+    silu(x W_gate) * (x W_up) W_down with three matrices, so its default hidden size
+    is 8/3 * n_embd (rounded up to a multiple of 8) to keep about the same parameter
+    count and FLOPs. ``hidden`` overrides the default (e.g. a pretrained model's
+    intermediate size).
     """
 
-    def __init__(self, n_embd: int, kind: str, dropout: float, bias: bool):
+    def __init__(self, n_embd: int, kind: str, dropout: float, bias: bool, hidden: int | None = None):
         super().__init__()
         self.kind = kind
+        if hidden is None:
+            hidden = default_mlp_hidden(n_embd, kind)
         if kind == "swiglu":
-            hidden = 8 * math.ceil(n_embd / 3)  # 8/3 * n_embd, rounded up to a multiple of 8
             self.c_fc = nn.Linear(n_embd, 2 * hidden, bias=bias)  # gate and up projections together
         else:
-            hidden = 4 * n_embd
             self.c_fc = nn.Linear(n_embd, hidden, bias=bias)
         self.c_proj = nn.Linear(hidden, n_embd, bias=bias)
         self.dropout = nn.Dropout(dropout)
@@ -139,6 +154,8 @@ class MLP(nn.Module):
         h = self.c_fc(x)
         if self.kind == "gelu":
             h = F.gelu(h)
+        elif self.kind == "gelu_tanh":
+            h = F.gelu(h, approximate="tanh")
         elif self.kind == "relu2":
             h = F.relu(h).square()
         else:
@@ -147,17 +164,33 @@ class MLP(nn.Module):
         return self.dropout(self.c_proj(h))
 
 
+def default_mlp_hidden(n_embd: int, kind: str) -> int:
+    """The MLP's hidden size when none is given: 4 * n_embd, or 8/3 * n_embd (to a multiple of 8) for SwiGLU."""
+    return 8 * math.ceil(n_embd / 3) if kind == "swiglu" else 4 * n_embd
+
+
 class Block(nn.Module):
     """One pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
 
     def __init__(
-        self, n_embd: int, n_head: int, dropout: float, bias: bool, norm: str, mlp: str, qk_norm: bool
+        self,
+        n_embd: int,
+        n_head: int,
+        n_kv_head: int,
+        dropout: float,
+        bias: bool,
+        qkv_bias: bool,
+        norm: str,
+        norm_eps: float,
+        mlp: str,
+        mlp_hidden: int | None,
+        qk_norm: bool,
     ):
         super().__init__()
-        self.norm_1 = make_norm(norm, n_embd, bias)
-        self.attn = CausalSelfAttention(n_embd, n_head, dropout, bias, qk_norm)
-        self.norm_2 = make_norm(norm, n_embd, bias)
-        self.mlp = MLP(n_embd, mlp, dropout, bias)
+        self.norm_1 = make_norm(norm, n_embd, bias, norm_eps)
+        self.attn = CausalSelfAttention(n_embd, n_head, n_kv_head, dropout, bias, qkv_bias, qk_norm)
+        self.norm_2 = make_norm(norm, n_embd, bias, norm_eps)
+        self.mlp = MLP(n_embd, mlp, dropout, bias, mlp_hidden)
 
     def forward(
         self,
@@ -171,14 +204,27 @@ class Block(nn.Module):
         return x + self.mlp(self.norm_2(x))
 
 
+def shorten_context(state: dict[str, torch.Tensor], block_size: int) -> dict[str, torch.Tensor]:
+    """A GPT state dict for a context of ``block_size`` tokens: a learned position table keeps its first
+    ``block_size`` rows (RoPE has no table). The table cannot grow: positions beyond it were never learned."""
+    table = state.get("wpe.weight")
+    if table is not None and table.shape[0] < block_size:
+        raise ValueError(f"the learned position table has {table.shape[0]} rows, fewer than block_size={block_size}")
+    return state if table is None else {**state, "wpe.weight": table[:block_size]}
+
+
 class GPT(LanguageModel):
     """Decoder-only transformer language model with a context of ``block_size`` tokens.
 
     ``pos_embedding`` is "learned" or "rope" (rotary, base ``rope_base``), ``norm``
-    "layernorm" or "rmsnorm", ``mlp`` "gelu", "swiglu" or "relu2"; ``qk_norm``
-    RMS-normalises each head's queries and keys; ``bias`` adds biases to the
-    linear layers and LayerNorms; ``tie_weights`` shares the token embedding with
-    the output head; ``zero_init_proj`` zero-initialises the residual projections.
+    "layernorm" or "rmsnorm" (epsilon ``norm_eps``, by default 1e-5 and 1e-6), ``mlp``
+    "gelu", "gelu_tanh", "swiglu" or "relu2" (hidden size ``mlp_hidden``, by default
+    4 * n_embd, or 8/3 * n_embd for SwiGLU); ``qk_norm`` RMS-normalises each head's
+    queries and keys; ``n_kv_head`` (default ``n_head``) key/value heads are shared by
+    groups of query heads; ``bias`` adds biases to the linear layers and LayerNorms,
+    ``qkv_bias`` (default ``bias``) to the query/key/value projection alone;
+    ``tie_weights`` shares the token embedding with the output head;
+    ``zero_init_proj`` zero-initialises the residual projections.
     """
 
     def __init__(
@@ -197,10 +243,18 @@ class GPT(LanguageModel):
         tie_weights: bool = True,
         zero_init_proj: bool = False,
         rope_base: float = 10000.0,
+        n_kv_head: int | None = None,
+        mlp_hidden: int | None = None,
+        norm_eps: float | None = None,
+        qkv_bias: bool | None = None,
     ):
         super().__init__()
         sizes = {
-            "vocab_size": vocab_size, "block_size": block_size, "n_layer": n_layer, "n_head": n_head, "n_embd": n_embd
+            "vocab_size": vocab_size,
+            "block_size": block_size,
+            "n_layer": n_layer,
+            "n_head": n_head,
+            "n_embd": n_embd,
         }
         for name, value in sizes.items():
             if value < 1:
@@ -225,11 +279,24 @@ class GPT(LanguageModel):
             )
         if not rope_base > 0:
             raise ValueError(f"rope_base must be > 0 (got {rope_base}); the usual value is 10000.0")
+        n_kv_head = n_head if n_kv_head is None else n_kv_head
+        if n_kv_head < 1 or n_head % n_kv_head != 0:
+            divisors = [h for h in range(1, n_head + 1) if n_head % h == 0]
+            raise ValueError(
+                f"n_kv_head ({n_kv_head}) must divide n_head ({n_head}); pick one of {divisors}, or null for n_head"
+            )
+        if mlp_hidden is not None and mlp_hidden < 1:
+            raise ValueError(f"mlp_hidden must be >= 1 (got {mlp_hidden}), or null for the default size")
+        norm_eps = DEFAULT_NORM_EPS[norm] if norm_eps is None else norm_eps
+        if not norm_eps > 0:
+            raise ValueError(f"norm_eps must be > 0 (got {norm_eps}), or null for {DEFAULT_NORM_EPS[norm]}")
+        qkv_bias = bias if qkv_bias is None else qkv_bias
 
         self.vocab_size = vocab_size
         self.block_size = block_size
         self.n_layer = n_layer
         self.n_head = n_head
+        self.n_kv_head = n_kv_head
         self.n_embd = n_embd
         self.pos_embedding = pos_embedding
 
@@ -241,9 +308,10 @@ class GPT(LanguageModel):
             self.register_buffer("rope_sin", sin, persistent=False)
         self.drop = nn.Dropout(dropout)
         self.blocks = nn.ModuleList(
-            Block(n_embd, n_head, dropout, bias, norm, mlp, qk_norm) for _ in range(n_layer)
+            Block(n_embd, n_head, n_kv_head, dropout, bias, qkv_bias, norm, norm_eps, mlp, mlp_hidden, qk_norm)
+            for _ in range(n_layer)
         )
-        self.norm_f = make_norm(norm, n_embd, bias)
+        self.norm_f = make_norm(norm, n_embd, bias, norm_eps)
         self.lm_head = nn.Linear(n_embd, vocab_size, bias=False)
         if tie_weights:
             self.lm_head.weight = self.wte.weight
@@ -326,7 +394,7 @@ class GPT(LanguageModel):
             dtype = torch.get_autocast_dtype(device.type)
         else:
             dtype = self.wte.weight.dtype
-        shape = (batch_size, self.n_head, self.block_size, self.n_embd // self.n_head)
+        shape = (batch_size, self.n_kv_head, self.block_size, self.n_embd // self.n_head)
         return KVCache(
             keys=[torch.empty(shape, dtype=dtype, device=device) for _ in self.blocks],
             values=[torch.empty(shape, dtype=dtype, device=device) for _ in self.blocks],

@@ -1,0 +1,1 @@
+"""The Fabric glue: a plain training loop on Lightning Fabric."""

@@ -1,0 +1,1 @@
+"""The Lightning Trainer glue: the LightningModule, its callbacks and strategies."""

@@ -1,0 +1,1 @@
+"""Training code that both loops share: the run lifecycle, loss, optimizers, checkpoints, parallelism, safety."""

@@ -1,0 +1,124 @@
+"""Scaling out: FSDP2 sharding, per-block options, CPU threads per process.
+
+The Lightning Trainer path (``LMModule.configure_model``) and the Fabric loop share these
+functions, so both shard and size thread pools the same way.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+from torch import nn
+from torch.distributed._composable import checkpoint as checkpoint_activations
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+
+from lmforge.errors import ConfigError
+from lmforge.models.base import LanguageModel
+
+
+def transformer_blocks(net: nn.Module) -> list[nn.Module]:
+    """The repeated blocks of a network (the GPT's ``net.blocks``); empty for one without (the LSTM)."""
+    blocks = getattr(net, "blocks", None)
+    return list(blocks) if isinstance(blocks, nn.ModuleList) else []
+
+
+def apply_block_options(
+    net: nn.Module, *, activation_checkpointing: bool = False, compile_blocks: bool = False
+) -> None:
+    """Per transformer block, in place: recompute activations in the backward pass, and/or ``torch.compile``.
+
+    Parameter names do not change, so checkpoints stay interchangeable.
+    """
+    if not (activation_checkpointing or compile_blocks):
+        return
+    blocks = transformer_blocks(net)
+    if not blocks:
+        raise ConfigError(
+            f"activation_checkpointing and compile_blocks work per transformer block and {type(net).__name__} "
+            "has none; set both to false"
+        )
+    for block in blocks:
+        if activation_checkpointing:
+            checkpoint_activations(block)
+        if compile_blocks:
+            block.compile()
+
+
+def is_sharded(net: nn.Module) -> bool:
+    """Whether ``net`` was sharded with FSDP2 (its forward then needs every rank)."""
+    return isinstance(net, FSDPModule)
+
+
+def shard_model(
+    net: LanguageModel,
+    device_mesh: Any,
+    *,
+    param_dtype: torch.dtype | None = None,
+    reduce_dtype: torch.dtype | None = None,
+    activation_checkpointing: bool = False,
+    compile_blocks: bool = False,
+) -> LanguageModel:
+    """Shard ``net`` in place with FSDP2 (``fully_shard``) over the 1-D data-parallel ``device_mesh``.
+
+    Each transformer block becomes its own unit (gathered just before it runs, freed after),
+    then the root takes the remaining parameters (embeddings, final norm, head). A network
+    without blocks, such as the LSTM, is one unit: its memory at rest is sharded, and the
+    whole model is gathered for each forward. The block options are applied first (see
+    :func:`apply_block_options`). ``param_dtype``/``reduce_dtype`` come from
+    :func:`mixed_precision_dtypes`. Returns ``net``, now also an ``FSDPModule``.
+    """
+    apply_block_options(net, activation_checkpointing=activation_checkpointing, compile_blocks=compile_blocks)
+    policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
+    for block in transformer_blocks(net):
+        fully_shard(block, mesh=device_mesh, mp_policy=policy)
+    fully_shard(net, mesh=device_mesh, mp_policy=policy)
+    # Generation runs forward_step rather than forward: gather the root's parameters for it too.
+    register_fsdp_forward_method(net, "forward_step")
+    return net
+
+
+def reshard(net: nn.Module) -> None:
+    """Free the gathered parameters of an FSDP2 network before its state is saved.
+
+    After a forward pass without backward (validation) the root unit keeps its parameters
+    gathered; a network that is one unit (the LSTM) then holds no sharded parameter at all, and
+    the sharded checkpoint writer finds no distributed model to save.
+    """
+    if isinstance(net, FSDPModule):
+        net.reshard()
+
+
+def cpu_count() -> int:
+    """CPU cores this process may run on (respects affinity masks and taskset)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def limit_cpu_threads(processes_per_node: int) -> int:
+    """Cap torch's intra-op threads at ``cores // processes_per_node`` so that ranks do not oversubscribe.
+
+    Lightning only sets the thread count when ``OMP_NUM_THREADS`` is unset; launchers and
+    users often set it (``fabric run`` sets it to the core count), and two ranks with all
+    cores each run slower than with half each. Lowers, never raises, the current count.
+    Returns the resulting number of threads.
+    """
+    threads = min(torch.get_num_threads(), max(1, cpu_count() // max(1, processes_per_node)))
+    torch.set_num_threads(threads)
+    return threads
+
+
+def shut_down_process_group() -> None:
+    """End a distributed run cleanly: wait for every rank, then destroy the default process group.
+
+    A no-op outside ``torch.distributed`` (one process). Lightning destroys the group at exit
+    only for NCCL (an atexit hook); under gloo (CPU DDP) the group and its C++ threads (the
+    ``pt_gloo_runloop`` workers, gloo's ``gloo_tcp_loop`` I/O thread) were left to interpreter
+    finalization, in a rank that may exit while its peer is still connected (rank 1 finishes
+    first: rank 0 still writes the summary). That unordered teardown is where rank 1 sometimes
+    aborted with "terminate called without an active exception". Barrier, then destroy: every
+    rank is done with its collectives before any closes its connections and joins its threads.
+    """
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
