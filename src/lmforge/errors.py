@@ -28,9 +28,11 @@ from omegaconf.errors import InterpolationToMissingValueError, MissingMandatoryV
 USER_ERROR_EXIT_CODE = 1
 # Failures to write or read a file that the user fixes (free space, permissions), not bugs.
 _USER_OS_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM})
-# How gloo and NCCL report a collective that another rank never joined (it hung or died).
+# How gloo and NCCL report a collective that another rank never joined (it hung or died). Gloo says
+# "Application timeout caused pair closure" instead of "Timed out waiting" when its timeout fires
+# while the pair is mid-transfer (seen in CI on the DDP backward all-reduce).
 _COLLECTIVE_FAILURES = re.compile(
-    r"Timed out waiting \d+ms|Connection closed by peer"
+    r"Timed out waiting \d+ms|Application timeout caused pair closure|Connection closed by peer"
     r"|Connection reset by peer|collective operation timeout"
 )
 

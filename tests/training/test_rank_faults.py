@@ -91,7 +91,7 @@ def test_a_rank_that_dies_or_hangs_ends_the_job_in_bounded_time(fault, corpus_di
     assert elapsed < timeout + 30, elapsed
     if fault == "hangs":  # rank 0 waits for the process-group timeout, then says what happened in one line
         assert elapsed > timeout - 2, elapsed
-        assert_one_clear_error(process.returncode, stderr, "rank 0: a collective operation failed (Timed out waiting")
+        assert_one_clear_error(process.returncode, stderr, "rank 0: a collective operation failed (")
 
 
 @pytest.mark.slow
