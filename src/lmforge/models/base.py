@@ -40,6 +40,11 @@ class LanguageModel(nn.Module, ABC):
         """The longest context the model can condition on, or None if unbounded."""
         return None
 
+    def repeated_blocks(self) -> list[nn.Module]:
+        """The repeated layers (transformer blocks), each sharded, checkpointed and compiled on its own;
+        empty for a network without them (the LSTM)."""
+        return []
+
     def position_parameters(self) -> list[nn.Parameter]:
         """Learned position-embedding parameters, left out of the non-embedding count."""
         return []

@@ -341,6 +341,9 @@ class GPT(LanguageModel):
         """The model attends to at most ``block_size`` tokens."""
         return self.block_size
 
+    def repeated_blocks(self) -> list[nn.Module]:
+        return list(self.blocks)
+
     def position_parameters(self) -> list[nn.Parameter]:
         """The learned position table, if positions are learned."""
         return [] if self.wpe is None else [self.wpe.weight]

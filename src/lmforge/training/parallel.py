@@ -19,9 +19,8 @@ from lmforge.models.base import LanguageModel
 
 
 def transformer_blocks(net: nn.Module) -> list[nn.Module]:
-    """The repeated blocks of a network (the GPT's ``net.blocks``); empty for one without (the LSTM)."""
-    blocks = getattr(net, "blocks", None)
-    return list(blocks) if isinstance(blocks, nn.ModuleList) else []
+    """The repeated blocks of a network (:meth:`LanguageModel.repeated_blocks`); empty for one without."""
+    return net.repeated_blocks() if isinstance(net, LanguageModel) else []
 
 
 def apply_block_options(

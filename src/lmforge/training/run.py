@@ -38,7 +38,7 @@ from lmforge.training.checkpoint import (
 )
 from lmforge.training.config import apply_extras, build_datamodule, model_config, to_container
 from lmforge.training.generation import generate_sample
-from lmforge.training.initialization import InitialWeights, read_initial_weights
+from lmforge.training.initialization import RUN_SETTINGS, InitialWeights, read_initial_weights
 from lmforge.training.parallel import is_sharded, shut_down_process_group
 from lmforge.training.report import print_run_summary
 from lmforge.training.run_dir import is_rank_zero_process
@@ -111,16 +111,18 @@ def check_run(cfg: DictConfig, loop: str) -> Start:
 
 
 def _initial_weights(cfg: DictConfig) -> InitialWeights | None:
-    """The ``init_from`` source, whose architecture replaces ``cfg.model`` (all but ``dropout``)."""
+    """The ``init_from`` source, whose architecture replaces ``cfg.model`` (all but the run settings)."""
     source = cfg.get("init_from")
     if not source:
         return None
+    log_dir = Path(cfg.paths.log_dir) / cfg.task_name
     init = read_initial_weights(
-        str(source), cfg.data.block_size, Path(cfg.paths.log_dir) / cfg.task_name, cfg.allow_unsafe_checkpoint
+        str(source), cfg.data.block_size, log_dir, cfg.allow_unsafe_checkpoint, cfg.model.get("_target_")
     )
     architecture = dict(init.net_config)
-    if "dropout" in cfg.model:  # fine-tuning may want another dropout than pretraining
-        architecture["dropout"] = cfg.model.dropout
+    for key in RUN_SETTINGS:  # e.g. fine-tuning may want another dropout than pretraining
+        if key in cfg.model:
+            architecture[key] = cfg.model[key]
     with open_dict(cfg):
         cfg.model = OmegaConf.create(architecture)
     return init

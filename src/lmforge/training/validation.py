@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from lmforge.data.tokenizer import MIN_BPE_VOCAB
 from lmforge.errors import ConfigError
@@ -46,6 +46,11 @@ def check_run_config(cfg: DictConfig) -> None:
     if not cfg.process_group_timeout > 0:
         raise ConfigError(f"process_group_timeout={cfg.process_group_timeout} must be > 0 (seconds)")
     check_nonfinite_action(cfg.nonfinite_loss)
+    if OmegaConf.is_missing(cfg.model, "hf_config"):  # model=hf without init_from
+        raise ConfigError(
+            "model=hf wraps a pretrained Hugging Face model: set init_from=<model directory or Hub id> "
+            "(or model.hf_config={model_type:...,...} to train that architecture from random weights)"
+        )
     with torch.device("meta"):
         net = _instantiate("model", cfg.model, vocab_size=PLACEHOLDER_VOCAB_SIZE)
     optimizer = _instantiate("optimizer", cfg.optimizer, model=net)
