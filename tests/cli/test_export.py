@@ -73,6 +73,6 @@ def test_without_the_hf_extra_the_command_names_it(monkeypatch, prepared, tmp_pa
     assert not (tmp_path / "hf").exists()
 
 
-def test_only_gpt_models_export(tmp_path):
-    with pytest.raises(ConversionError, match="only GPT models have a Hugging Face layout; .*RecurrentLM"):
+def test_only_the_gpt_and_wrapped_models_export(tmp_path):
+    with pytest.raises(ConversionError, match="only the GPT and model=hf have a Hugging Face layout; .*RecurrentLM"):
         pretrained.export_hf({"_target_": "my_models.RecurrentLM"}, {}, "{}", tmp_path / "hf")

@@ -1,5 +1,6 @@
 """``model=hf init_from=<dir>``: any ``AutoModelForCausalLM`` fine-tuned in both loops, with DDP and
-with FSDP2 sharding per decoder layer; its checkpoints rebuild without the source directory."""
+with FSDP2 sharding per decoder layer; its checkpoints rebuild without the source directory and
+export back to ``transformers``."""
 
 from __future__ import annotations
 
@@ -12,8 +13,10 @@ import pytest
 import torch
 from helpers import SHORT_RUN, TESTS_DIR, TINY_RUN, compose_config, run_cli
 from hydra.utils import instantiate
-from transformers import AutoModelForCausalLM, GPTNeoXConfig
+from tokenizers import Tokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, GPTNeoXConfig
 
+from lmforge.cli.export import export  # [gpt]
 from lmforge.cli.train import train
 from lmforge.data.tokenizer import train_tokenizer
 from lmforge.errors import ConfigError, ConversionError
@@ -77,6 +80,14 @@ def test_a_run_starts_from_the_models_weights_and_tokenizer_and_its_checkpoint_r
     rebuilt.load_state_dict(trained.weights)
     assert type(rebuilt).__name__ == "HFCausalLM" and rebuilt.hf.config.model_type == "gpt_neox"
     assert not torch.allclose(logits(rebuilt, ids), reference(input_ids=ids).logits)
+    # [gpt]
+    exported = export(str(tmp_path / "train" / "run" / "checkpoints" / "last.ckpt"), str(tmp_path / "exported"))
+    handed_back = AutoModelForCausalLM.from_pretrained(exported).eval()
+    torch.testing.assert_close(handed_back(input_ids=ids).logits, logits(rebuilt, ids), rtol=0, atol=1e-5)
+    text = "def add(a, b):\n    return a + b\n"
+    expected_ids = Tokenizer.from_str(trained.tokenizer_json).encode(text).ids
+    assert AutoTokenizer.from_pretrained(exported)(text)["input_ids"] == expected_ids
+    # [/gpt]
 
 
 # [fabric]

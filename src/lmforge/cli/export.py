@@ -1,10 +1,10 @@
-"""``lmforge export ckpt_path=<checkpoint> out=<dir>``: a trained GPT as a Hugging Face model directory.
+"""``lmforge export ckpt_path=<checkpoint> out=<dir>``: a trained model as a Hugging Face model directory.
 
 The directory (``config.json``, ``model.safetensors``, the tokenizer files and
 ``generation_config.json``) loads with ``AutoModelForCausalLM.from_pretrained(out)`` and
-``AutoTokenizer.from_pretrained(out)``, no custom code, in the GPT-2 or Llama layout that
-reproduces the model's options (Qwen2 for biases on q/k/v only). Checkpoints of either loop,
-single files or sharded directories, are accepted.
+``AutoTokenizer.from_pretrained(out)``, no custom code: a GPT in the GPT-2 or Llama layout that
+reproduces its options, a wrapped model (``model=hf``) in its own architecture. Checkpoints of
+either loop, single files or sharded directories, are accepted.
 """
 
 from __future__ import annotations

@@ -26,6 +26,7 @@ try:  # the [hf] extra
 except ImportError:  # pragma: no cover - depends on the installation
     AutoConfig = AutoModelForCausalLM = DynamicCache = None
 
+HF_CAUSAL_LM_TARGET = f"{__name__}.HFCausalLM"  # its Hydra ``_target_``
 # The dropout settings of Hugging Face configs (names differ by architecture); ``dropout=`` sets
 # every one the model's config has.
 DROPOUT_KEYS = (

@@ -24,12 +24,11 @@ from transformers.utils import cached_file
 
 from lmforge.errors import CheckpointError, ConversionError
 from lmforge.models.gpt import shorten_context  # [gpt]
-from lmforge.models.hf import architecture_config
+from lmforge.models.hf import HF_CAUSAL_LM_TARGET, architecture_config
 from lmforge.training.checkpoint import read_network, resolve_checkpoint
 from lmforge.training.pretrained import GPT_TARGET, read_pretrained  # [gpt]
 
 _HUB_ID = re.compile(r"[\w.-]+(/[\w.-]+)?")  # a Hub id: gpt2, Qwen/Qwen2-0.5B
-HF_CAUSAL_LM_TARGET = "lmforge.models.hf.HFCausalLM"
 # Model settings that belong to the run, not to the architecture: kept from the run's model config.
 RUN_SETTINGS = ("dropout", "attn_implementation")
 

@@ -11,18 +11,20 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from huggingface_hub import snapshot_download  # a dependency of tokenizers
+from hydra.utils import instantiate
 from tokenizers import Tokenizer
 
 from lmforge.data.tokenizer import UNK_TOKEN, eot_id
 from lmforge.errors import CheckpointError, ConversionError
 from lmforge.models import GPT, gpt_hf
+from lmforge.models.hf import HF_CAUSAL_LM_TARGET
 
 try:  # the [hf] extra
     from safetensors.torch import load_file, save_file
@@ -138,25 +140,21 @@ def _special_tokens(tokenizer: Tokenizer) -> dict[str, str]:
 def export_hf(
     net_config: Mapping[str, Any], weights: Mapping[str, torch.Tensor], tokenizer_json: str, out: str | Path
 ) -> Path:
-    """Write a GPT as a Hugging Face model directory ``out``: config, safetensors weights, tokenizer, generation config.
-
-    The directory appears complete or not at all; an existing ``out`` is never touched.
+    """Write a network as a Hugging Face model directory ``out``: config, safetensors weights, tokenizer,
+    generation config. A GPT is written in the GPT-2 or Llama layout; a wrapped model (``model=hf``)
+    by ``save_pretrained`` in its own architecture. The directory appears complete or not at all; an
+    existing ``out`` is never touched.
     """
     _require_safetensors()
-    if net_config.get("_target_") != GPT_TARGET:
-        raise ConversionError(
-            f"only GPT models have a Hugging Face layout; this checkpoint holds {net_config.get('_target_')}"
-        )
+    target = net_config.get("_target_")
+    if target not in (GPT_TARGET, HF_CAUSAL_LM_TARGET):
+        raise ConversionError(f"only the GPT and model=hf have a Hugging Face layout; this checkpoint holds {target}")
     out = Path(out)
     if out.exists():
         raise CheckpointError(f"{out} already exists; pass another out=<dir>, or delete it first")
     tokenizer = Tokenizer.from_str(tokenizer_json)
     tokens = _special_tokens(tokenizer)
     special_ids = {"bos": eot_id(tokenizer), "eos": eot_id(tokenizer)}
-    vocab_size = weights["wte.weight"].shape[0]  # the network's, which may be padded beyond the tokenizer's
-    hf_config = gpt_hf.hf_config_from_gpt(net_config, vocab_size, special_ids)
-    hf_weights = gpt_hf.hf_state_dict_from_gpt(net_config, {k: v.float().cpu() for k, v in weights.items()})
-    generation = {**{f"{name}_token_id": i for name, i in special_ids.items()}, "do_sample": False}
     tokenizer_config = {
         "tokenizer_class": "PreTrainedTokenizerFast",
         "model_max_length": net_config["block_size"],
@@ -164,16 +162,45 @@ def export_hf(
         **tokens,
     }
 
+    if target == HF_CAUSAL_LM_TARGET:
+        write_model = _wrapped_model_writer(net_config, weights)
+    else:  # converted before anything is written: an option with no equivalent leaves no trace
+        write_model = _gpt_writer(net_config, weights, special_ids)
+
     partial = out.with_name(out.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
-    save_file(hf_weights, partial / "model.safetensors", metadata={"format": "pt"})
-    for name, content in (
-        ("config.json", hf_config),
-        ("generation_config.json", generation),
-        ("tokenizer_config.json", tokenizer_config),
-    ):
-        (partial / name).write_text(json.dumps(content, indent=2) + "\n", encoding="utf-8")
-    (partial / "tokenizer.json").write_text(tokenizer_json, encoding="utf-8")
+    try:
+        write_model(partial)
+        (partial / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2) + "\n", encoding="utf-8")
+        (partial / "tokenizer.json").write_text(tokenizer_json, encoding="utf-8")
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
     partial.rename(out)
     return out
+
+
+def _gpt_writer(
+    net_config: Mapping[str, Any], weights: Mapping[str, torch.Tensor], special_ids: dict[str, int]
+) -> Callable[[Path], None]:
+    """The GPT in its Hugging Face layout: converted now, written by the returned function."""
+    vocab_size = weights["wte.weight"].shape[0]  # the network's, which may be padded beyond the tokenizer's
+    hf_config = gpt_hf.hf_config_from_gpt(net_config, vocab_size, special_ids)
+    hf_weights = gpt_hf.hf_state_dict_from_gpt(net_config, {k: v.float().cpu() for k, v in weights.items()})
+    generation = {**{f"{name}_token_id": i for name, i in special_ids.items()}, "do_sample": False}
+
+    def write(directory: Path) -> None:
+        save_file(hf_weights, directory / "model.safetensors", metadata={"format": "pt"})
+        for name, content in (("config.json", hf_config), ("generation_config.json", generation)):
+            (directory / name).write_text(json.dumps(content, indent=2) + "\n", encoding="utf-8")
+
+    return write
+
+
+def _wrapped_model_writer(net_config: Mapping[str, Any], weights: Mapping[str, torch.Tensor]) -> Callable[[Path], None]:
+    """The wrapped ``transformers`` model (``model=hf``), rebuilt now, written by its own ``save_pretrained``."""
+    net = instantiate(dict(net_config))
+    net.load_state_dict(weights)
+    net.hf.generation_config.do_sample = False
+    return net.hf.save_pretrained
