@@ -13,8 +13,12 @@ import pytest
 import torch
 from helpers import SHORT_RUN, TESTS_DIR, TINY_RUN, compose_config, run_cli
 from hydra.utils import instantiate
-from tokenizers import Tokenizer
-from transformers import AutoModelForCausalLM, AutoTokenizer, GPTNeoXConfig
+from tokenizers import Tokenizer  # [gpt]
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,  # [gpt]
+    GPTNeoXConfig,
+)
 
 from lmforge.cli.export import export  # [gpt]
 from lmforge.cli.train import train
