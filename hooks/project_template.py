@@ -73,7 +73,7 @@ FEATURE_FILES = {
 # a project without that part (every other mention of `gpt`, `lstm` or `fabric` in its README,
 # configs and tests is a leftover).
 GENERIC_MENTIONS = {
-    "gpt": ("GPT-2", "nanoGPT"),
+    "gpt": ("GPT-2", "nanoGPT", "GPT-NeoX", "GPTNeoX", "gpt_neox"),  # the last three: a transformers architecture
     "lstm": (),
     "fabric": ("lightning.fabric", "lightning_fabric", "fabric run"),
 }
@@ -288,6 +288,8 @@ def finalize(project: Path, answers: dict) -> None:
     _remove_empty_dirs(project)
     configs = project / "configs"
     drop_dependent_configs(configs, removed_modules)
+    if answers["model"] != "both":  # the chosen model is the default, not model=hf (which needs init_from)
+        set_primary_default(configs, "model", answers["model"])
     if answers["default_corpus"] != "stdlib":
         set_primary_default(configs, "data", answers["default_corpus"])
     drop_template_requirements(project)

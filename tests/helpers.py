@@ -35,6 +35,11 @@ TINY_MODEL = {
 }
 # The model of the tests that work with any model: the first one this project has.
 DEFAULT_MODEL = next(iter(TINY_MODEL))
+# What a config option needs besides its name: model=hf takes its architecture from init_from, or
+# written inline (random weights).
+OPTION_NEEDS = {
+    ("model", "hf"): ["model.hf_config={model_type:gpt_neox,hidden_size:16,num_hidden_layers:1,num_attention_heads:2}"]
+}
 TINY_RUN = [
     "data.block_size=32",
     "data.batch_size=8",

@@ -7,7 +7,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from helpers import compose_config
+from helpers import OPTION_NEEDS, compose_config
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
@@ -35,11 +35,7 @@ def test_group_option_composes_and_instantiates(group, option, tmp_path, corpus_
     if (group, option) == ("trainer", "gpu") and not torch.cuda.is_available():
         # Composes as written; the Trainer is built on the CPU because this machine has no GPU.
         overrides.append("trainer.accelerator=cpu")
-    if (group, option) == ("model", "hf"):
-        # The architecture normally comes from init_from's config.json; written inline it trains from scratch.
-        overrides.append(
-            "model.hf_config={model_type:gpt_neox,hidden_size:16,num_hidden_layers:1,num_attention_heads:2}"
-        )
+    overrides += OPTION_NEEDS.get((group, option), [])
     cfg = compose_config("train", overrides, tmp_path)
     if OmegaConf.is_missing(cfg.data, "path"):
         # Your own files (data=text_files, an experiment, or the default): the test corpus.

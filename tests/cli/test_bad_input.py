@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from helpers import (
     DEFAULT_MODEL,
+    OPTION_NEEDS,
     REPO_ROOT,
     SHORT_RUN,
     TINY_MODEL,
@@ -124,6 +125,7 @@ def test_valid_configs_pass_validation(tmp_path, corpus_dir):
     for group in ("model", "optimizer", "scheduler"):
         for option in sorted((REPO_ROOT / "configs" / group).glob("*.yaml")):
             overrides = ["data=text_files", f"data.path={corpus_dir}", f"{group}={option.stem}"]
+            overrides += OPTION_NEEDS.get((group, option.stem), [])
             start = check_run(compose_config("train", overrides, tmp_path), "train")
             assert start.resume is None and start.init is None
 

@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM, GPTNeoXConfig, OPTConfig
 from lmforge.models.hf import HFCausalLM, architecture_config
 from lmforge.training.parallel import apply_block_options, transformer_blocks
 
-# Two architectures lmforge's GPT does not implement: GPT-NeoX (parallel residual, rotary on a
+# Two architectures unlike lmforge's own models: GPT-NeoX (parallel residual, rotary on a
 # quarter of each head) and OPT (learned positions with an offset, ReLU, pre-LayerNorm).
 CONFIGS = {
     "gpt_neox": GPTNeoXConfig(

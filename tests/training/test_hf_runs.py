@@ -31,7 +31,7 @@ from lmforge.training.run import check_run, load_initial_weights, prepare_run
 
 @pytest.fixture(scope="module")
 def neox_dir(tmp_path_factory, corpus_dir):
-    """A tiny random GPT-NeoX (an architecture lmforge's GPT does not implement) saved by transformers,
+    """A tiny random GPT-NeoX (unlike lmforge's own models: parallel residual, partial rotary) saved by transformers,
     with a BPE tokenizer of the test corpus as its tokenizer.json."""
     texts = [p.read_text(encoding="utf-8") for p in sorted(corpus_dir.iterdir())]
     tokenizer = train_tokenizer("bpe", texts, 300)
