@@ -13,6 +13,7 @@ from omegaconf import OmegaConf
 
 from lmforge.data import LMDataModule
 from lmforge.models.base import LanguageModel
+from lmforge.training.batching import trainer_settings
 from lmforge.training.config import CONFIG_PATH, build_datamodule, instantiate_all
 
 GROUPS = sorted(p.name for p in Path(CONFIG_PATH).iterdir() if p.is_dir() and p.name != "hydra")
@@ -53,7 +54,7 @@ def test_group_option_composes_and_instantiates(group, option, tmp_path, corpus_
     assert scheduler.get_last_lr()[0] > 0
     callbacks = instantiate_all(cfg.get("callbacks"))
     loggers = instantiate_all(cfg.get("logger"))
-    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers)
+    trainer = instantiate(trainer_settings(cfg.trainer), callbacks=callbacks, logger=loggers)
     assert isinstance(trainer, L.Trainer)
     if group == "callbacks" and option == "default":
         assert trainer.checkpoint_callback is not None

@@ -478,7 +478,7 @@ def test_concurrent_prepare_builds_once(tmp_path, docs_dir):
 # --- windows -------------------------------------------------------------------------------
 
 
-def test_train_windows_are_a_function_of_seed_rank_and_index():
+def test_train_windows_are_a_function_of_seed_and_global_index():
     tokens = np.arange(1000, dtype=np.uint16)
     windows = TrainWindows(tokens, block_size=16, batch_size=4, seed=1, rank=0)
     x, y = windows[5]
@@ -487,8 +487,12 @@ def test_train_windows_are_a_function_of_seed_rank_and_index():
     assert torch.equal(windows[5][0], x)
     assert torch.equal(TrainWindows(tokens, 16, 4, seed=1, rank=0)[5][0], x)
     assert not torch.equal(windows[6][0], x)
-    assert not torch.equal(TrainWindows(tokens, 16, 4, seed=1, rank=1)[5][0], x)
+    assert not torch.equal(TrainWindows(tokens, 16, 4, seed=1, rank=1, world_size=2)[5][0], x)
     assert not torch.equal(TrainWindows(tokens, 16, 4, seed=2, rank=0)[5][0], x)
+    # micro-batch 2 of rank 1 of 2 is number 2 * 2 + 1 = 5 of the job, as micro-batch 5 of one process
+    assert torch.equal(TrainWindows(tokens, 16, 4, seed=1, rank=1, world_size=2)[2][0], x)
+    with pytest.raises(ValueError, match=r"rank=2 must be in \[0, world_size=2\)"):
+        TrainWindows(tokens, 16, 4, seed=1, rank=2, world_size=2)
     assert int(x.max()) <= 998 and int(y.max()) <= 999
 
 
@@ -589,8 +593,8 @@ def test_datamodule_loaders(tmp_path, docs_dir):
 
     dm.trainer = SimpleNamespace(global_step=3, accumulate_grad_batches=2, global_rank=1, world_size=2)
     loader = dm.train_dataloader()
-    assert loader.sampler.start == 6 and loader.dataset.rank == 1
-    assert torch.equal(next(iter(loader))[0], TrainWindows(dm.tokens("train"), 16, 4, 1337, 1)[6][0])
+    assert loader.sampler.start == 6 and (loader.dataset.rank, loader.dataset.world_size) == (1, 2)
+    assert torch.equal(next(iter(loader))[0], TrainWindows(dm.tokens("train"), 16, 4, 1337, 1, 2)[6][0])
     assert len(dm.val_dataloader().dataset) == 10  # windows 1::2 of 20
     dm.trainer = None
     batches = list(dm.val_dataloader())

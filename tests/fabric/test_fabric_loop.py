@@ -19,6 +19,7 @@ import lmforge.fabric.loop
 from lmforge.cli.train import train
 from lmforge.errors import CheckpointError, NonFiniteLossError
 from lmforge.fabric.loop import LoopSettings, build_fabric, fit
+from lmforge.training.checkpoint import read_network
 from lmforge.training.run import check_run
 
 # The tiny run of the Trainer tests, less the settings that only the Trainer has.
@@ -395,3 +396,28 @@ def test_sigterm_to_one_rank_under_ddp_stops_every_rank_at_the_same_step(tmp_pat
     saved = max(tmp_path.glob("logs/fabric/runs/*/checkpoints/step*.ckpt"))
     step = torch.load(saved, weights_only=True)["step"]
     assert f"training stopped by SIGTERM after step {step}; saved a resumable checkpoint: {saved}" in text
+
+
+@pytest.mark.slow
+def test_one_and_two_processes_give_the_same_losses_and_weights_for_the_same_global_batch(tmp_path, corpus_dir):
+    """As for the Trainer (tests/training/test_batching.py): 1 process x 2 accumulation steps and 2 DDP
+    processes x 1, fp32, validate to the same losses and end with the same weights within 1e-5."""
+    common = [
+        *tiny_fabric_overrides(corpus_dir, "trainer.max_steps=6", "trainer.val_check_interval=2", "test=false"),
+        "data.global_batch_tokens=512",  # 2 micro-batches of 8 x 32 tokens
+        f"paths.data_dir={tmp_path}/data",
+    ]
+    one = run_cli("fabric", *common, f"paths.log_dir={tmp_path}/one")
+    assert one.returncode == 0, one.stderr[-3000:]
+    assert "global batch 512 tokens = 256 tokens per micro-batch x 1 process(es) x 2 accumulation step(s)" in one.stdout
+    two = run_cli("fabric", *common, "trainer.devices=2", "trainer.strategy=ddp", f"paths.log_dir={tmp_path}/two")
+    assert two.returncode == 0, two.stderr[-3000:]
+    [run_one], [run_two] = run_dirs(tmp_path / "one"), run_dirs(tmp_path / "two")
+    losses_one, losses_two = scalars(run_one / "tensorboard")["val/loss"], scalars(run_two / "tensorboard")["val/loss"]
+    assert sorted(losses_one) == sorted(losses_two) == [2, 4, 6]
+    for step in losses_one:
+        assert losses_one[step] == pytest.approx(losses_two[step], abs=1e-5), step
+    last_one = read_network(run_one / "checkpoints" / "step000006.ckpt").weights
+    last_two = read_network(run_two / "checkpoints" / "step000006.ckpt").weights
+    for name, tensor in last_one.items():
+        torch.testing.assert_close(tensor, last_two[name], rtol=0, atol=1e-5, msg=name)

@@ -22,6 +22,7 @@ from helpers import (
 )
 from hydra.utils import instantiate
 
+from lmforge.training.batching import trainer_settings
 from lmforge.training.checkpoint import read_checkpoint
 from lmforge.training.safety import AtomicCheckpointIO
 
@@ -29,7 +30,7 @@ from lmforge.training.safety import AtomicCheckpointIO
 @pytest.mark.parametrize("strategy", ["ddp_sim", "fsdp"])
 def test_process_group_timeout_comes_from_the_config(strategy, tmp_path):
     cfg = compose_config("train", [f"trainer={strategy}", "trainer.strategy.timeout.seconds=42"], tmp_path)
-    trainer = instantiate(cfg.trainer, logger=False, accelerator="cpu", devices=2)
+    trainer = instantiate(trainer_settings(cfg.trainer), logger=False, accelerator="cpu", devices=2)
     assert trainer.strategy._timeout == timedelta(seconds=42)
     if strategy == "ddp_sim":  # FSDP2 writes its sharded checkpoints through torch.distributed.checkpoint
         assert isinstance(trainer.strategy.checkpoint_io, AtomicCheckpointIO)

@@ -11,6 +11,7 @@ from rich.table import Table
 
 from lmforge.errors import reported_errors
 from lmforge.lightning.module import LMModule
+from lmforge.training.batching import trainer_settings
 from lmforge.training.checkpoint import read_network, resolve_checkpoint
 from lmforge.training.config import CONFIG_PATH, apply_extras, build_datamodule
 from lmforge.training.validation import check_eval_config
@@ -25,7 +26,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     module = LMModule.from_network(network)
     # Whatever the corpus, it is tokenized with the checkpoint's own tokenizer.
     datamodule = build_datamodule(cfg.get("data") or network.data_config, tokenizer_json=network.tokenizer_json)
-    trainer: L.Trainer = instantiate(cfg.trainer, logger=False, enable_checkpointing=False)
+    trainer: L.Trainer = instantiate(trainer_settings(cfg.trainer), logger=False, enable_checkpointing=False)
     metrics: dict[str, float] = {}
     for split in cfg.splits:
         run = trainer.validate if split == "val" else trainer.test

@@ -173,9 +173,9 @@ class LMDataModule(pl.LightningDataModule):
             **kwargs,
         )
 
-    def train_loader(self, start_micro_batch: int, rank: int) -> DataLoader:
-        """An infinite loader of training micro-batches ``start_micro_batch, start_micro_batch + 1, ...``."""
-        dataset = TrainWindows(self.tokens("train"), self.block_size, self.batch_size, self.seed, rank)
+    def train_loader(self, start_micro_batch: int, rank: int, world_size: int = 1) -> DataLoader:
+        """An infinite loader of rank ``rank``'s training micro-batches, from number ``start_micro_batch`` on."""
+        dataset = TrainWindows(self.tokens("train"), self.block_size, self.batch_size, self.seed, rank, world_size)
         sampler = MicroBatchSampler(start_micro_batch, period=self.overfit_batches or None)
         return self._loader(dataset, batch_size=None, sampler=sampler)
 
@@ -197,7 +197,7 @@ class LMDataModule(pl.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         start = self.trainer.global_step * self.trainer.accumulate_grad_batches
-        return self.train_loader(start, self.trainer.global_rank)
+        return self.train_loader(start, *self._rank_and_world())
 
     def val_dataloader(self) -> DataLoader:
         return self.eval_loader("val", *self._rank_and_world())

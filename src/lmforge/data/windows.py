@@ -56,21 +56,35 @@ class _TokenWindows(Dataset):
 class TrainWindows(_TokenWindows):
     """Random training micro-batches: item ``k`` is ``(x, y)``, each of shape ``(batch_size, block_size)``.
 
-    The window offsets of micro-batch ``k`` are drawn by ``np.random.default_rng([seed, rank, k])``,
-    a pure function of ``(seed, rank, k)``: a resumed run that starts at the same ``k`` sees the
-    same batches, and every rank sees different ones. Use with :class:`MicroBatchSampler`.
+    Micro-batch ``k`` of rank ``rank`` (of ``world_size``) is number ``g = k * world_size + rank`` in
+    the job's global order, and its window offsets are drawn by ``np.random.default_rng([seed, 0, g])``:
+    a pure function of ``(seed, g)``. A resumed run that starts at the same ``k`` sees the same
+    batches; every rank sees different ones; and an optimizer step of ``A`` accumulated micro-batches
+    on ``W`` processes covers the global numbers ``step * A * W`` to ``(step + 1) * A * W - 1``
+    whatever ``A`` and ``W`` are, so the same global batch gives the same windows on 1 or 64 processes.
+    Use with :class:`MicroBatchSampler`.
     """
 
     def __init__(
-        self, tokens: np.ndarray, block_size: int, batch_size: int, seed: int, rank: int, split: str = "train"
+        self,
+        tokens: np.ndarray,
+        block_size: int,
+        batch_size: int,
+        seed: int,
+        rank: int,
+        world_size: int = 1,
+        split: str = "train",
     ) -> None:
         super().__init__(tokens, block_size, split)
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank={rank} must be in [0, world_size={world_size})")
         self.batch_size = batch_size
         self.seed = seed
         self.rank = rank
+        self.world_size = world_size
 
     def __getitem__(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        rng = np.random.default_rng([self.seed, self.rank, k])
+        rng = np.random.default_rng([self.seed, 0, k * self.world_size + self.rank])
         offsets = rng.integers(0, len(self.tokens) - self.block_size, size=self.batch_size)
         return self._windows(offsets)
 

@@ -31,6 +31,7 @@ from omegaconf import DictConfig
 from torchmetrics import MeanMetric
 
 from lmforge.errors import ConfigError
+from lmforge.training.batching import PLANNED_SETTINGS
 from lmforge.training.config import instantiate_all
 from lmforge.training.loss import batch_loss, loss_and_perplexity
 from lmforge.training.optim import build_optimizer, gradient_norm
@@ -75,7 +76,7 @@ class LoopSettings:
     @classmethod
     def from_config(cls, node: DictConfig) -> LoopSettings:
         known = {field.name for field in fields(cls)}
-        unknown = sorted(set(node) - known - set(HARDWARE_SETTINGS))
+        unknown = sorted(set(node) - known - set(HARDWARE_SETTINGS) - set(PLANNED_SETTINGS))
         if unknown:
             raise ConfigError(
                 f"trainer.{unknown[0]} is a Lightning Trainer setting the Fabric loop does not have; remove it "
@@ -232,8 +233,8 @@ def evaluate(
 
 def fit(cfg: DictConfig) -> dict[str, float]:
     """Train (then test) the configured experiment with Fabric; returns the final metrics."""
-    loop = LoopSettings.from_config(cfg.trainer)
     start = check_run(cfg, "fabric")  # before any process is started or any file is written
+    loop = LoopSettings.from_config(cfg.trainer)
     fabric = build_fabric(cfg, loop)
     if not launched_by_cli():
         fabric.launch()
@@ -280,7 +281,7 @@ def _train(fabric: L.Fabric, run: Run, loop: LoopSettings) -> dict[str, float]:
 
     rank, world_size = fabric.global_rank, fabric.world_size
     # Batches are a function of the micro-batch index, so a resumed run continues the same sequence.
-    batches = iter(loader(datamodule.train_loader(start_step * loop.accumulate_grad_batches, rank)))
+    batches = iter(loader(datamodule.train_loader(start_step * loop.accumulate_grad_batches, rank, world_size)))
     val_loader = loader(datamodule.eval_loader("val", rank, world_size))
     eval_batches = 1 if loop.fast_dev_run else None
     eval_loss = MeanMetric().to(fabric.device)

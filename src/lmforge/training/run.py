@@ -1,8 +1,9 @@
 """The life of a training run, one implementation for ``lmforge train`` and ``lmforge fabric``.
 
-1. :func:`check_run`: start-up extras, the ``init_from`` source (its architecture replaces
-   ``model``), every config check (data, network, optimizer, schedule, precision on this
-   hardware, shared run settings) and the resume checks (``ckpt_path`` resolved, readable,
+1. :func:`check_run`: start-up extras, the batch plan (a global batch in tokens and a token
+   budget become accumulation and steps, :mod:`lmforge.training.batching`), the ``init_from``
+   source (its architecture replaces ``model``), every config check (data, network, optimizer,
+   schedule, precision on this hardware, shared run settings) and the resume checks (``ckpt_path`` resolved, readable,
    written by this loop, the same network); nothing is written yet.
 2. :func:`prepare_run`: seeding, data preparation (the tokenizer decides the vocabulary, unless
    ``init_from`` brings one), the resume checkpoint's tokenizer against the data's, the
@@ -27,6 +28,7 @@ from tokenizers import Tokenizer
 
 from lmforge.data.datamodule import LMDataModule
 from lmforge.errors import CheckpointError, ConfigError
+from lmforge.training.batching import apply_batch_plan
 from lmforge.training.checkpoint import (
     check_model_matches,
     check_tokenizer_matches,
@@ -105,9 +107,13 @@ def is_logging_step(step: int, every: int, max_steps: int | None) -> bool:
 def check_run(cfg: DictConfig, loop: str) -> Start:
     """Step 1: check everything that can be checked before data is prepared or a file is written."""
     apply_extras(cfg)
+    plan = apply_batch_plan(cfg)
     init = _initial_weights(cfg)
     check_run_config(cfg)
-    return Start(_resume_checkpoint(cfg, loop), init)
+    start = Start(_resume_checkpoint(cfg, loop), init)
+    if plan is not None and is_rank_zero_process():
+        print(plan.describe())
+    return start
 
 
 def _initial_weights(cfg: DictConfig) -> InitialWeights | None:

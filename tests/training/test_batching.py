@@ -1,0 +1,130 @@
+"""A global batch in tokens: the derivation of accumulation and steps, its errors, and the same
+optimization on 1 or 2 processes when the global batch is equal."""
+
+from __future__ import annotations
+
+import csv
+import subprocess
+
+import pytest
+import torch
+from helpers import TINY_RUN, compose_config, run_cli
+from omegaconf import OmegaConf
+
+from lmforge.data.windows import TrainWindows
+from lmforge.errors import ConfigError
+from lmforge.training.batching import plan_batches, planned_world_size
+from lmforge.training.checkpoint import read_network
+from lmforge.training.run import check_run
+
+
+def test_accumulation_is_derived_for_the_number_of_processes():
+    plan = plan_batches(1024, None, micro_batch_tokens=128, world_size=2, accumulate_grad_batches=1, max_steps=600)
+    assert (plan.accumulate_grad_batches, plan.max_steps, plan.global_batch_tokens) == (4, 600, 1024)
+    on_one = plan_batches(1024, None, micro_batch_tokens=128, world_size=1, accumulate_grad_batches=1, max_steps=600)
+    assert on_one.accumulate_grad_batches == 8
+    assert "1024 tokens = 128 tokens per micro-batch x 2 process(es) x 4 accumulation step(s)" in plan.describe()
+
+
+def test_a_token_budget_sets_the_number_of_steps():
+    plan = plan_batches(1024, 10_000, micro_batch_tokens=128, world_size=2, accumulate_grad_batches=1, max_steps=600)
+    assert plan.max_steps == 9  # 10_000 // 1024
+    without_global = plan_batches(
+        None, 1000, micro_batch_tokens=100, world_size=1, accumulate_grad_batches=2, max_steps=5
+    )
+    assert (without_global.accumulate_grad_batches, without_global.max_steps) == (2, 5)
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        ((1000, None, 128, 2, 1), r"global_batch_tokens=1000 is not a multiple of the 256 tokens .* use 768 or 1024"),
+        ((100, None, 128, 2, 1), r"use 256 or 512"),
+        ((1024, None, 128, 2, 2), r"sets trainer.accumulate_grad_batches itself; remove .*=2"),
+        ((1024, 512, 128, 2, 1), r"max_tokens=512 is less than one optimizer step of 1024 tokens"),
+    ],
+)
+def test_plans_that_do_not_divide_are_one_line_with_the_nearest_values(args, message):
+    global_tokens, max_tokens, micro, world, accumulate = args
+    with pytest.raises(ConfigError, match=message):
+        plan_batches(global_tokens, max_tokens, micro, world, accumulate, max_steps=10)
+
+
+@pytest.mark.parametrize(
+    "settings,expected",
+    [
+        ({"devices": 2, "num_nodes": 3}, 6),
+        ({"devices": "4", "num_nodes": 1}, 4),
+        ({"devices": [0, 1], "num_nodes": 2}, 4),
+        ({"devices": "0,1,2", "num_nodes": 1}, 3),
+        ({"devices": "auto", "num_nodes": 1, "accelerator": "cpu"}, 1),
+    ],
+)
+def test_planned_world_size(settings, expected, monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert planned_world_size(OmegaConf.create(settings)) == expected
+    monkeypatch.setenv("WORLD_SIZE", "8")  # a launched process knows the job's size
+    assert planned_world_size(OmegaConf.create(settings)) == 8
+
+
+def test_equal_global_batches_draw_the_same_windows_on_one_or_two_processes():
+    tokens = torch.arange(5000).numpy()
+    alone = TrainWindows(tokens, 16, 4, seed=3, rank=0, world_size=1)
+    pair = [TrainWindows(tokens, 16, 4, seed=3, rank=r, world_size=2) for r in (0, 1)]
+    for step in range(3):  # 1 process x 2 accumulation steps == 2 processes x 1
+        for rank in (0, 1):
+            torch.testing.assert_close(alone[2 * step + rank], pair[rank][step], rtol=0, atol=0)
+    assert not torch.equal(pair[0][0][0], pair[1][0][0])  # ranks see different windows
+
+
+def test_check_run_applies_the_plan_and_prints_it(corpus_dir, tmp_path, capsys):
+    overrides = ["data=text_files", f"data.path={corpus_dir}", *TINY_RUN]  # batch 8 x block 32 = 256 tokens
+    cfg = compose_config("train", [*overrides, "data.global_batch_tokens=1024", "trainer.max_tokens=5000"], tmp_path)
+    check_run(cfg, "train")
+    assert (cfg.trainer.accumulate_grad_batches, cfg.trainer.max_steps) == (4, 4)
+    assert "max_tokens" not in cfg.trainer
+    assert "global batch 1024 tokens = 256 tokens per micro-batch x 1 process(es) x 4" in capsys.readouterr().out
+    bad = compose_config("train", [*overrides, "data.global_batch_tokens=1000"], tmp_path)
+    with pytest.raises(ConfigError, match="use 768 or 1024"):
+        check_run(bad, "train")
+
+
+def val_losses(log_dir) -> dict[int, float]:
+    (metrics,) = log_dir.glob("train/runs/*/csv/metrics.csv")
+    with open(metrics) as handle:
+        return {int(row["step"]): float(row["val/loss"]) for row in csv.DictReader(handle) if row.get("val/loss")}
+
+
+def succeeded(result: subprocess.CompletedProcess) -> bool:
+    if result.returncode != 0:
+        print(result.stdout[-3000:], result.stderr[-5000:], sep="\n")
+    return result.returncode == 0
+
+
+@pytest.mark.slow
+def test_one_and_two_processes_give_the_same_losses_and_weights_for_the_same_global_batch(corpus_dir, tmp_path):
+    """1 process x 2 accumulation steps and 2 DDP processes x 1, fp32: validation losses and the
+    final weights agree within 1e-5. (The Trainer counts val_check_interval in micro-batches.)"""
+    common = [
+        "data=text_files",
+        f"data.path={corpus_dir}",
+        *TINY_RUN,
+        "data.global_batch_tokens=512",  # 2 micro-batches of 8 x 32 tokens
+        "trainer.max_steps=8",
+        "logger=csv",
+        "test=false",
+        f"paths.data_dir={tmp_path}/data",
+    ]
+    one = [*common, "trainer.val_check_interval=4", f"paths.log_dir={tmp_path}/one"]
+    two = [*common, "trainer=ddp_sim", "trainer.val_check_interval=2", f"paths.log_dir={tmp_path}/two"]
+    assert succeeded(run_cli("train", *one))
+    assert succeeded(run_cli("train", *two))
+    losses_one, losses_two = val_losses(tmp_path / "one"), val_losses(tmp_path / "two")
+    assert sorted(losses_one) == sorted(losses_two) and len(losses_one) >= 4
+    for step in losses_one:
+        assert abs(losses_one[step] - losses_two[step]) <= 1e-5, (step, losses_one[step], losses_two[step])
+    (last_one,) = (tmp_path / "one").glob("train/runs/*/checkpoints/last.ckpt")
+    (last_two,) = (tmp_path / "two").glob("train/runs/*/checkpoints/last.ckpt")
+    weights_one, weights_two = read_network(last_one).weights, read_network(last_two).weights
+    for name, tensor in weights_one.items():
+        torch.testing.assert_close(tensor, weights_two[name], rtol=0, atol=1e-5, msg=name)
