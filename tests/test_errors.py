@@ -1,4 +1,7 @@
+"""Which exceptions are user errors, and their one-line messages."""
+
 import pytest
+from hydra.errors import InstantiationException
 
 from lmforge.errors import user_error_message
 
@@ -22,3 +25,15 @@ def test_a_collective_that_another_rank_never_joined_is_one_actionable_line(back
 
 def test_other_runtime_errors_are_bugs_not_user_errors():
     assert user_error_message(RuntimeError("mat1 and mat2 shapes cannot be multiplied")) is None
+
+
+def test_a_missing_optional_package_names_the_extras():
+    """A logger or model whose package is not installed (Hydra wraps the constructor's error)."""
+    try:
+        raise InstantiationException("Error in call to target 'WandbLogger'") from ModuleNotFoundError(
+            "Requirement 'wandb>=0.12.10' not met"
+        )
+    except InstantiationException as wrapped:
+        message = user_error_message(wrapped)
+    assert message.startswith("a package this run needs is not installed (Requirement 'wandb>=0.12.10' not met)")
+    assert "'lmforge[wandb]'" in message and "\n" not in message

@@ -26,6 +26,9 @@ from hydra.errors import InstantiationException
 from omegaconf.errors import InterpolationToMissingValueError, MissingMandatoryValue
 
 USER_ERROR_EXIT_CODE = 1
+EXTRAS_HINT = (
+    "pip install 'lmforge[hf]' (model=hf, init_from, export), 'lmforge[wandb]', 'lmforge[mlflow]' or 'lmforge[optuna]'"
+)
 # Failures to write or read a file that the user fixes (free space, permissions), not bugs.
 _USER_OS_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM})
 # How gloo and NCCL report a collective that another rank never joined (it hung or died). Gloo says
@@ -67,6 +70,8 @@ def user_error_message(exc: BaseException) -> str | None:
         exc = exc.__cause__
     if isinstance(exc, (DataError, CheckpointError, ConfigError, ConversionError, NonFiniteLossError)):
         return str(exc)
+    if isinstance(exc, ModuleNotFoundError):  # an optional package a config option needs (a logger, the HF models)
+        return f"a package this run needs is not installed ({exc}); install the extra it belongs to: {EXTRAS_HINT}"
     if isinstance(exc, (MissingMandatoryValue, InterpolationToMissingValueError)):
         missing = re.search(r"Missing mandatory value: (\S+)", str(exc))
         key = missing[1] if missing else "a required value"

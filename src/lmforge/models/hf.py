@@ -85,7 +85,7 @@ class HFCausalLM(LanguageModel):
     ):
         super().__init__()
         if AutoConfig is None:
-            raise ImportError("model=hf needs transformers; install the Hugging Face extra: pip install 'lmforge[hf]'")
+            raise ModuleNotFoundError("model=hf needs transformers: pip install 'lmforge[hf]'")
         settings = dict(hf_config)
         model_type = settings.pop("model_type", None)
         if not model_type:
