@@ -50,7 +50,7 @@ def consolidate(ckpt_path: str, out: str | None = None, log_dir: str | None = No
         raise CheckpointError(f"{target} already exists; pass another out=<file>, or delete it first")
     target.parent.mkdir(parents=True, exist_ok=True)
     partial = target.with_name(target.name + ".partial")
-    torch.save(single_file_checkpoint(read_network(path)), partial)
+    torch.save(single_file_checkpoint(read_network(path), merge_adapters=True), partial)
     partial.replace(target)  # never a half-written file under the final name
     return target
 

@@ -34,6 +34,7 @@ from lmforge.errors import ConfigError
 from lmforge.training.batching import PLANNED_SETTINGS
 from lmforge.training.config import instantiate_all
 from lmforge.training.loss import batch_loss, loss_and_perplexity
+from lmforge.training.network import build_network
 from lmforge.training.optim import build_optimizer, gradient_norm
 from lmforge.training.parallel import limit_cpu_threads, reshard, shard_model
 from lmforge.training.precision import mixed_precision_dtypes
@@ -248,7 +249,7 @@ def fit(cfg: DictConfig) -> dict[str, float]:
 
 def _train(fabric: L.Fabric, run: Run, loop: LoopSettings) -> dict[str, float]:
     cfg, datamodule = run.cfg, run.datamodule
-    net = instantiate(run.net_config)
+    net = build_network(run.net_config)
     load_initial_weights(run, net)
     flops_per_token = net.flops_per_token(datamodule.block_size)
     fabric.print(describe_network(net, datamodule.block_size))

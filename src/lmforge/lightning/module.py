@@ -13,6 +13,7 @@ from torchmetrics import MeanMetric
 from lmforge.models.base import LanguageModel
 from lmforge.training.checkpoint import NetworkCheckpoint
 from lmforge.training.loss import batch_loss, loss_and_perplexity
+from lmforge.training.network import build_network
 from lmforge.training.optim import build_optimizer, gradient_norm
 from lmforge.training.parallel import apply_block_options, limit_cpu_threads, shard_model
 from lmforge.training.precision import mixed_precision_dtypes
@@ -50,7 +51,7 @@ class LMModule(L.LightningModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        self.net: LanguageModel = instantiate(model)
+        self.net: LanguageModel = build_network(model)
         self.val_loss = MeanMetric()
         self.test_loss = MeanMetric()
         self.run_metadata: dict | None = None

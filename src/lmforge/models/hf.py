@@ -14,6 +14,7 @@ What lmforge needs from a model maps onto Hugging Face's conventions: the logits
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -56,6 +57,16 @@ def architecture_config(config: Any) -> dict[str, Any]:
     return settings
 
 
+def _plain(value: Any) -> Any:
+    """``value`` with every mapping a ``dict`` and every sequence a ``list`` (config systems hand over
+    their own containers, which ``transformers``' config validation rejects)."""
+    if isinstance(value, Mapping):
+        return {key: _plain(item) for key, item in value.items()}
+    if isinstance(value, Sequence) and not isinstance(value, str):
+        return [_plain(item) for item in value]
+    return value
+
+
 def longest_context(config: Any) -> int | None:
     """The most positions a model config allows, or None if it sets no limit."""
     for key in _CONTEXT_KEYS:
@@ -86,7 +97,7 @@ class HFCausalLM(LanguageModel):
         super().__init__()
         if AutoConfig is None:
             raise ModuleNotFoundError("model=hf needs transformers: pip install 'lmforge[hf]'")
-        settings = dict(hf_config)
+        settings = _plain(hf_config)
         model_type = settings.pop("model_type", None)
         if not model_type:
             raise ValueError("model.hf_config has no model_type; it must hold a config.json of transformers")

@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from hydra.utils import instantiate
 from tokenizers import Tokenizer
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.format_utils import _EmptyStateDictLoadPlanner
@@ -30,6 +29,7 @@ from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
 from lmforge.errors import CheckpointError
 from lmforge.models.base import LanguageModel
+from lmforge.training.network import LORA_KEY, build_network, merged_network
 
 log = logging.getLogger("lmforge")
 
@@ -140,7 +140,7 @@ class NetworkCheckpoint:
 
     def build(self, device: torch.device | str = "cpu") -> LanguageModel:
         """The network with its weights, in eval mode, on ``device``."""
-        net = instantiate(self.net_config)
+        net = build_network(self.net_config)
         net.load_state_dict(self.weights)
         return net.to(device).eval()
 
@@ -178,11 +178,18 @@ def read_network(path: str | Path, allow_unsafe: bool = False) -> NetworkCheckpo
     )
 
 
-def single_file_checkpoint(network: NetworkCheckpoint) -> dict[str, Any]:
-    """A sharded checkpoint's weights and metadata as one checkpoint dict of the same loop (no optimizer state)."""
+def single_file_checkpoint(network: NetworkCheckpoint, merge_adapters: bool = False) -> dict[str, Any]:
+    """A sharded checkpoint's weights and metadata as one checkpoint dict of the same loop (no optimizer
+    state); with ``merge_adapters``, LoRA adapters folded into the weights (a plain model)."""
+    net_config, weights = network.net_config, network.weights
+    checkpoint = dict(network.checkpoint)
+    if merge_adapters and LORA_KEY in net_config:
+        net_config, weights = merged_network(net_config, weights)
+        checkpoint["lmforge"] = {**checkpoint["lmforge"], "model": net_config}
+        if "hyper_parameters" in checkpoint:  # a Trainer checkpoint rebuilds its module from these
+            checkpoint["hyper_parameters"] = {**checkpoint["hyper_parameters"], "model": net_config}
     key, prefix = _WEIGHTS[network.loop]
-    weights = {prefix + name: value for name, value in network.weights.items()}
-    return {**network.checkpoint, key: weights}
+    return {**checkpoint, key: {prefix + name: value for name, value in weights.items()}}
 
 
 # ----------------------------------------------------------------------------- comparing runs

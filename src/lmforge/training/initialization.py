@@ -102,7 +102,6 @@ def read_causal_lm(source: str, block_size: int) -> InitialWeights:
         ) from None
     net_config = {
         "_target_": HF_CAUSAL_LM_TARGET,
-        "_convert_": "all",  # hf_config reaches transformers as plain dicts, not OmegaConf nodes
         "hf_config": architecture_config(model.config),
         "block_size": block_size,
         "vocab_size": model.config.vocab_size,

@@ -18,13 +18,13 @@ from typing import Any
 
 import torch
 from huggingface_hub import snapshot_download  # a dependency of tokenizers
-from hydra.utils import instantiate
 from tokenizers import Tokenizer
 
 from lmforge.data.tokenizer import UNK_TOKEN, eot_id
 from lmforge.errors import CheckpointError, ConversionError
 from lmforge.models import GPT, gpt_hf
 from lmforge.models.hf import HF_CAUSAL_LM_TARGET
+from lmforge.training.network import build_network, merged_network
 
 try:  # the [hf] extra
     from safetensors.torch import load_file, save_file
@@ -146,6 +146,7 @@ def export_hf(
     existing ``out`` is never touched.
     """
     _require_safetensors()
+    net_config, weights = merged_network(net_config, weights)  # LoRA adapters folded into the weights
     target = net_config.get("_target_")
     if target not in (GPT_TARGET, HF_CAUSAL_LM_TARGET):
         raise ConversionError(f"only the GPT and model=hf have a Hugging Face layout; this checkpoint holds {target}")
@@ -200,7 +201,7 @@ def _gpt_writer(
 
 def _wrapped_model_writer(net_config: Mapping[str, Any], weights: Mapping[str, torch.Tensor]) -> Callable[[Path], None]:
     """The wrapped ``transformers`` model (``model=hf``), rebuilt now, written by its own ``save_pretrained``."""
-    net = instantiate(dict(net_config))
+    net = build_network(net_config)
     net.load_state_dict(weights)
     net.hf.generation_config.do_sample = False
     return net.hf.save_pretrained

@@ -41,6 +41,7 @@ from lmforge.training.checkpoint import (
 from lmforge.training.config import apply_extras, build_datamodule, model_config, to_container
 from lmforge.training.generation import generate_sample
 from lmforge.training.initialization import RUN_SETTINGS, InitialWeights, read_initial_weights
+from lmforge.training.network import LORA_KEY
 from lmforge.training.parallel import is_sharded, shut_down_process_group
 from lmforge.training.report import print_run_summary
 from lmforge.training.run_dir import is_rank_zero_process
@@ -109,6 +110,9 @@ def check_run(cfg: DictConfig, loop: str) -> Start:
     apply_extras(cfg)
     plan = apply_batch_plan(cfg)
     init = _initial_weights(cfg)
+    if cfg.get("lora"):  # adapters are part of the network: its config carries them (lmforge.training.network)
+        with open_dict(cfg):
+            cfg.model[LORA_KEY] = cfg.lora
     check_run_config(cfg)
     start = Start(_resume_checkpoint(cfg, loop), init)
     if plan is not None and is_rank_zero_process():

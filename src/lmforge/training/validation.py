@@ -10,6 +10,7 @@ one-line message naming the key.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -21,6 +22,7 @@ from lmforge.data.tokenizer import MIN_BPE_VOCAB
 from lmforge.errors import ConfigError
 from lmforge.models.sampling import check_sampling_args
 from lmforge.training.config import build_datamodule
+from lmforge.training.network import build_network
 from lmforge.training.precision import check_precision
 from lmforge.training.safety import check_nonfinite_action
 
@@ -52,7 +54,7 @@ def check_run_config(cfg: DictConfig) -> None:
             "(or model.hf_config={model_type:...,...} to train that architecture from random weights)"
         )
     with torch.device("meta"):
-        net = _instantiate("model", cfg.model, vocab_size=PLACEHOLDER_VOCAB_SIZE)
+        net = _instantiate("model", cfg.model, build=build_network, vocab_size=PLACEHOLDER_VOCAB_SIZE)
     optimizer = _instantiate("optimizer", cfg.optimizer, model=net)
     if cfg.get("scheduler"):
         _instantiate("scheduler", cfg.scheduler, optimizer=optimizer)
@@ -79,10 +81,11 @@ def check_generate_config(cfg: DictConfig) -> None:
         raise ConfigError(str(exc)) from exc
 
 
-def _instantiate(group: str, node: DictConfig, **kwargs: Any) -> Any:
-    """Instantiate ``node``, turning the target's own ``ValueError`` into a :class:`ConfigError`."""
+def _instantiate(group: str, node: DictConfig, build: Callable[..., Any] = instantiate, **kwargs: Any) -> Any:
+    """Build ``node`` (with ``build``: Hydra's ``instantiate`` or :func:`build_network`), turning the
+    target's own ``ValueError`` into a :class:`ConfigError`."""
     try:
-        return instantiate(node, **kwargs)
+        return build(node, **kwargs)
     except InstantiationException as exc:
         cause = exc.__cause__
         if not isinstance(cause, ValueError):
