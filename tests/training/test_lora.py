@@ -1,5 +1,5 @@
 """LoRA adapters (``lora=default``): only the adapters train, plain weights load into an adapted
-network, and merging gives the same logits; in both loops, with the GPT and the HF wrapper."""
+network, and merging gives the same logits; in both loops, with each model that has linear layers."""
 
 from __future__ import annotations
 
