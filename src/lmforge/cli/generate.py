@@ -8,7 +8,7 @@ from omegaconf import DictConfig
 from lmforge.errors import reported_errors
 from lmforge.training.checkpoint import read_network, resolve_checkpoint
 from lmforge.training.config import CONFIG_PATH
-from lmforge.training.generation import generate_text
+from lmforge.training.generation import generate_sample
 from lmforge.training.validation import check_generate_config
 
 
@@ -19,17 +19,7 @@ def generate(cfg: DictConfig) -> list[str]:
     net, tokenizer = network.build(cfg.device), network.tokenizer
     samples = []
     for i in range(cfg.num_samples):
-        text = generate_text(
-            net,
-            tokenizer,
-            cfg.prompt,
-            cfg.max_new_tokens,
-            temperature=cfg.temperature,
-            top_k=cfg.top_k,
-            top_p=cfg.top_p,
-            seed=cfg.seed + i,
-            device=cfg.device,
-        )
+        text = generate_sample(net, tokenizer, cfg, cfg.device, seed=cfg.seed + i)
         if cfg.num_samples > 1:
             print(f"----- sample {i + 1}/{cfg.num_samples} -----")
         print(text)

@@ -14,7 +14,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.trainer.states import RunningStage
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from lmforge.training.generation import generate_text
+from lmforge.training.generation import generate_sample
 from lmforge.training.parallel import is_sharded
 from lmforge.training.report import describe_network
 from lmforge.training.run import is_logging_step
@@ -46,16 +46,7 @@ class TextSamples(L.Callback):
         # Rank 0 samples alone, except that a sharded (FSDP) network runs only with every rank.
         if not (trainer.is_global_zero or is_sharded(pl_module.net)):
             return
-        self.last_sample = generate_text(
-            pl_module.net,
-            tokenizer,
-            self.prompt,
-            self.max_new_tokens,
-            temperature=self.temperature,
-            top_k=self.top_k,
-            seed=self.seed,
-            device=pl_module.device,
-        )
+        self.last_sample = generate_sample(pl_module.net, tokenizer, self, pl_module.device)
         for logger in trainer.loggers:
             if isinstance(logger, TensorBoardLogger):
                 # Markdown code block keeps whitespace and newlines intact in the Text tab.

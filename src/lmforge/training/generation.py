@@ -29,8 +29,12 @@ def generate_text(
     return tokenizer.decode(out[0].tolist(), skip_special_tokens=False)
 
 
-def generate_sample(net: torch.nn.Module, tokenizer: Tokenizer, sample: Any, device: torch.device | str) -> str:
-    """:func:`generate_text` with the settings of a ``sample`` config node."""
+def generate_sample(
+    net: torch.nn.Module, tokenizer: Tokenizer, sample: Any, device: torch.device | str, seed: int | None = None
+) -> str:
+    """:func:`generate_text` with the settings of ``sample``: a ``sample`` or ``generate`` config node,
+    or any object with ``prompt``, ``max_new_tokens``, ``temperature``, ``top_k``, ``seed`` (and
+    optionally ``top_p``); ``seed`` replaces its seed."""
     return generate_text(
         net,
         tokenizer,
@@ -38,6 +42,7 @@ def generate_sample(net: torch.nn.Module, tokenizer: Tokenizer, sample: Any, dev
         sample.max_new_tokens,
         temperature=sample.temperature,
         top_k=sample.top_k,
-        seed=sample.seed,
+        top_p=getattr(sample, "top_p", None),
+        seed=sample.seed if seed is None else seed,
         device=device,
     )
