@@ -407,10 +407,17 @@ def test_one_and_two_processes_give_the_same_losses_and_weights_for_the_same_glo
         "data.global_batch_tokens=512",  # 2 micro-batches of 8 x 32 tokens
         f"paths.data_dir={tmp_path}/data",
     ]
-    one = run_cli("fabric", *common, f"paths.log_dir={tmp_path}/one")
+    one = run_cli("fabric", *common, f"paths.log_dir={tmp_path}/one", env={"OMP_NUM_THREADS": "1"})  # as each rank
     assert one.returncode == 0, one.stderr[-3000:]
     assert "global batch 512 tokens = 256 tokens per micro-batch x 1 process(es) x 2 accumulation step(s)" in one.stdout
-    two = run_cli("fabric", *common, "trainer.devices=2", "trainer.strategy=ddp", f"paths.log_dir={tmp_path}/two")
+    two = run_cli(
+        "fabric",
+        *common,
+        "trainer.devices=2",
+        "trainer.strategy=ddp",
+        f"paths.log_dir={tmp_path}/two",
+        env={"OMP_NUM_THREADS": "1"},
+    )
     assert two.returncode == 0, two.stderr[-3000:]
     [run_one], [run_two] = run_dirs(tmp_path / "one"), run_dirs(tmp_path / "two")
     losses_one, losses_two = scalars(run_one / "tensorboard")["val/loss"], scalars(run_two / "tensorboard")["val/loss"]
