@@ -66,5 +66,5 @@ def test_optuna_sweep_of_three_trials_reports_the_best(corpus_dir, tmp_path):
         final_val_losses.append([float(r.split(",")[column]) for r in rows[1:] if r.split(",")[column]][-1])
         assert (trial / ".hydra" / "overrides.yaml").is_file()
     assert results["best_value"] == pytest.approx(min(final_val_losses), abs=1e-6)
-    # model.dropout is searched too unless the command line fixes it (the tiny LSTM's overrides do)
+    # model.dropout is searched too unless the command line fixes it (some tiny models' overrides do)
     assert {"optimizer.lr", "optimizer.weight_decay"} <= set(results["best_params"])
