@@ -11,8 +11,11 @@ from helpers import (
     read_csv_metric,
     tiny_train_overrides,
 )
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
 
 from lmforge.cli.train import train
+from lmforge.lightning.callbacks import ProgressBar
 
 
 @pytest.mark.parametrize("model", list(TINY_MODEL))
@@ -87,11 +90,7 @@ def test_resume_continues_exactly(tmp_path, corpus_dir):
         torch.testing.assert_close(weights_resumed["state_dict"][name], tensor, rtol=0, atol=1e-6)
 
 
-def test_tensorboard_events_hold_scalars_and_samples(tmp_path, corpus_dir, monkeypatch):
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    from lmforge.lightning.callbacks import ProgressBar
-
+def test_tensorboard_events_hold_scalars_samples_and_hparams(tmp_path, corpus_dir, monkeypatch):
     bar_reads = []  # (stage, step) of each time the progress bar collects the logged values
     get_metrics = ProgressBar.get_metrics
 
@@ -120,6 +119,7 @@ def test_tensorboard_events_hold_scalars_and_samples(tmp_path, corpus_dir, monke
         "train/device/items_per_sec",
     }
     assert expected <= scalars, expected - scalars
+    assert "epoch" not in scalars  # a flat line on an endless stream, TensorBoard's first card otherwise
     # Every logged value belongs to the step it is logged at (every trainer.log_every_n_steps=2 steps).
     tokens_per_step = 8 * 32  # data.batch_size x data.block_size
     tokens = {event.step: event.value for event in accumulator.Scalars("train/tokens")}
@@ -131,3 +131,9 @@ def test_tensorboard_events_hold_scalars_and_samples(tmp_path, corpus_dir, monke
     assert "samples/text_summary" in accumulator.Tags()["tensors"]
     sample = accumulator.Tensors("samples/text_summary")[-1].tensor_proto.string_val[0].decode()
     assert sample.strip()
+    # The HParams tab: the run's hyperparameters with its final validation loss.
+    hparams = accumulator.PluginTagToContent("hparams")
+    start = HParamsPluginData.FromString(hparams["_hparams_/session_start_info"]).session_start_info.hparams
+    assert start["model/n_layer"].number_value == 1 and start["data/block_size"].number_value == 32
+    assert "optimizer/lr" in start and "hparams/val_loss" in scalars
+    assert accumulator.Scalars("hparams/val_loss")[-1].value == pytest.approx(val_loss, abs=1e-6)

@@ -10,6 +10,7 @@ from hydra.utils import instantiate
 from tokenizers import Tokenizer
 from torchmetrics import MeanMetric
 
+from lmforge.lightning.loggers import TensorBoardLogger
 from lmforge.models.base import LanguageModel
 from lmforge.training.checkpoint import NetworkCheckpoint
 from lmforge.training.loss import batch_loss, loss_and_perplexity
@@ -113,6 +114,17 @@ class LMModule(L.LightningModule):
         if self._logs_this_step():  # each self.log costs ~1 ms of Lightning bookkeeping
             self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True)
         return loss
+
+    def on_fit_end(self) -> None:
+        """Each TensorBoard logger records the run's hyperparameters with its final validation loss
+        (the HParams tab compares runs, e.g. of a sweep, by it)."""
+        val_loss = self.trainer.callback_metrics.get("val/loss")
+        if val_loss is None:
+            return
+        params = {**self.hparams, "data": (self.run_metadata or {}).get("data") or {}}
+        for logger in self.loggers:
+            if isinstance(logger, TensorBoardLogger):
+                logger.log_final_hparams(params, float(val_loss))
 
     def _logs_this_step(self) -> bool:
         """Whether the training values of the optimizer step in progress are logged."""
