@@ -99,6 +99,13 @@ def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeou
     )
 
 
+def succeeded(result: subprocess.CompletedProcess) -> bool:
+    """True when the process exited with 0; shows the end of its output otherwise."""
+    if result.returncode != 0:
+        print(result.stdout[-3000:], result.stderr[-5000:], sep="\n")
+    return result.returncode == 0
+
+
 def start_cli(stderr_file: Path, *args: str, threads: int = 2) -> subprocess.Popen:
     """Start ``lmforge <args>`` in the background, its stderr going to ``stderr_file``."""
     with open(stderr_file, "w") as stderr:

@@ -3,12 +3,10 @@ Biases offline, MLflow in a local store) and an Optuna search that minimises val
 
 from __future__ import annotations
 
-import subprocess
-
 import mlflow
 import pytest
 import yaml
-from helpers import DEFAULT_MODEL, run_cli, tiny_train_overrides
+from helpers import DEFAULT_MODEL, run_cli, succeeded, tiny_train_overrides
 
 pytestmark = pytest.mark.slow
 
@@ -16,12 +14,6 @@ pytestmark = pytest.mark.slow
 def tiny(corpus_dir, tmp_path) -> list[str]:
     paths = [f"paths.log_dir={tmp_path}/logs", f"paths.data_dir={tmp_path}/data"]
     return [*tiny_train_overrides(corpus_dir, DEFAULT_MODEL, "test=false"), *paths]
-
-
-def succeeded(result: subprocess.CompletedProcess) -> bool:
-    if result.returncode != 0:
-        print(result.stdout[-3000:], result.stderr[-5000:], sep="\n")
-    return result.returncode == 0
 
 
 def test_tensorboard_wandb_offline_and_mlflow_at_once(corpus_dir, tmp_path):

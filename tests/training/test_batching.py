@@ -4,11 +4,10 @@ optimization on 1 or 2 processes when the global batch is equal."""
 from __future__ import annotations
 
 import csv
-import subprocess
 
 import pytest
 import torch
-from helpers import TINY_MODEL, TINY_RUN, compose_config, run_cli, tiny_train_overrides
+from helpers import TINY_MODEL, TINY_RUN, compose_config, run_cli, succeeded, tiny_train_overrides
 from omegaconf import OmegaConf
 
 from lmforge.data.windows import TrainWindows
@@ -93,12 +92,6 @@ def val_losses(log_dir) -> dict[int, float]:
     (metrics,) = log_dir.glob("train/runs/*/csv/metrics.csv")
     with open(metrics) as handle:
         return {int(row["step"]): float(row["val/loss"]) for row in csv.DictReader(handle) if row.get("val/loss")}
-
-
-def succeeded(result: subprocess.CompletedProcess) -> bool:
-    if result.returncode != 0:
-        print(result.stdout[-3000:], result.stderr[-5000:], sep="\n")
-    return result.returncode == 0
 
 
 @pytest.mark.slow

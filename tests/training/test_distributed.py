@@ -26,6 +26,7 @@ from helpers import (
     compose_config,
     free_port,
     run_cli,
+    succeeded,
     tiny_train_overrides,
 )
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -62,13 +63,6 @@ def data_dir(tmp_path_factory) -> Path:
 
 def paths(log_dir: Path, data_dir: Path) -> list[str]:
     return [f"paths.log_dir={log_dir}", f"paths.data_dir={data_dir}"]
-
-
-def succeeded(result: subprocess.CompletedProcess) -> bool:
-    """True when the process exited with 0; shows its output otherwise."""
-    if result.returncode != 0:
-        print(result.stdout[-3000:], result.stderr[-5000:], sep="\n")
-    return result.returncode == 0
 
 
 def tree(directory: Path) -> list[str]:

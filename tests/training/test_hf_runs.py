@@ -7,11 +7,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
 
 import pytest
 import torch
-from helpers import SHORT_RUN, TESTS_DIR, TINY_RUN, compose_config, run_cli
+from helpers import SHORT_RUN, TESTS_DIR, TINY_RUN, compose_config, run_cli, succeeded
 from hydra.utils import instantiate
 from tokenizers import Tokenizer  # [gpt]
 from transformers import (
@@ -120,12 +119,6 @@ def test_an_architecture_the_gpt_lacks_points_to_the_wrapper(neox_dir, corpus_di
 
 
 # [/gpt]
-
-
-def succeeded(result: subprocess.CompletedProcess) -> bool:
-    if result.returncode != 0:
-        print(result.stdout[-3000:], result.stderr[-5000:], sep="\n")
-    return result.returncode == 0
 
 
 @pytest.mark.slow

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import DEFAULT_MODEL, SHORT_RUN, compose_config, run_cli, tiny_train_overrides
+from helpers import DEFAULT_MODEL, SHORT_RUN, compose_config, run_cli, succeeded, tiny_train_overrides
 from transformers import (
     AutoModelForCausalLM,  # [gpt]
     GPTNeoXConfig,
@@ -137,19 +137,13 @@ def test_fsdp2_with_adapters_consolidates_to_the_merged_model(prepared, tmp_path
     result = run_cli("train", "trainer=fsdp", "trainer.devices=2", *overrides)
     assert result.returncode == 0, result.stderr[-3000:]
     (sharded,) = (tmp_path / "logs").glob("train/runs/*/checkpoints/last.ckpt")
-    assert succeeded_quietly(run_cli("consolidate", f"ckpt_path={sharded}"))
+    assert succeeded(run_cli("consolidate", f"ckpt_path={sharded}"))
     adapted, merged = read_network(sharded), read_network(sharded.with_suffix(".consolidated.pt"))
     assert "lora" in adapted.net_config and "lora" not in merged.net_config
     assert not any(".lora_" in name or "base_layer" in name for name in merged.weights)
     ids = torch.randint(0, adapted.net_config["vocab_size"], (2, 16))
     with torch.no_grad():
         torch.testing.assert_close(merged.build()(ids), adapted.build()(ids), rtol=0, atol=1e-5)
-
-
-def succeeded_quietly(result) -> bool:
-    if result.returncode != 0:
-        print(result.stdout[-2000:], result.stderr[-3000:], sep="\n")
-    return result.returncode == 0
 
 
 # [fabric]
