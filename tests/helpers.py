@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import hashlib
+import json
 import os
 import socket
 import subprocess
@@ -20,6 +21,7 @@ from pathlib import Path
 
 import pytest
 from omegaconf import DictConfig
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from lmforge.errors import reported_errors
 from lmforge.training.config import compose_in_process
@@ -75,6 +77,17 @@ def write_corpus(directory: Path, n_files: int = 12, repeats: int = 30) -> Path:
     return directory
 
 
+def write_task_data(path: Path, examples: int = 240) -> Path:
+    """Write a JSONL file of prompt/completion pairs (sums of small numbers) and return its path."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rows = [
+        json.dumps({"prompt": f"What is {i % 23} plus {i % 7}?\n", "completion": f"{i % 23 + i % 7}"})
+        for i in range(examples)
+    ]
+    path.write_text("\n".join(rows) + "\n", encoding="utf-8")
+    return path
+
+
 def compose_config(config_name: str, overrides: list[str], tmp_path: Path) -> DictConfig:
     """Compose a config as the CLI would, with every output under ``tmp_path`` (run dir ``tmp_path/run``)."""
     paths = [f"paths.log_dir={tmp_path}/logs", f"paths.data_dir={tmp_path}/data"]
@@ -84,6 +97,13 @@ def compose_config(config_name: str, overrides: list[str], tmp_path: Path) -> Di
 def tiny_train_overrides(corpus: Path, model: str = DEFAULT_MODEL, *extra: str) -> list[str]:
     """Overrides for a seconds-long training run on ``corpus``."""
     return ["data=text_files", f"data.path={corpus}", *TINY_MODEL[model], *TINY_RUN, *extra]
+
+
+def tiny_sft_overrides(task_file: Path, model: str = DEFAULT_MODEL, *extra: str) -> list[str]:
+    """Overrides for a seconds-long fine-tuning run on a task file (``data=sft``)."""
+    eval_windows = "data.eval_windows=32"
+    run = [option for option in TINY_RUN if option != eval_windows]
+    return ["data=sft", f"data.path={task_file}", *TINY_MODEL[model], *run, "data.eval_examples=32", *extra]
 
 
 def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: float = 300):
@@ -141,6 +161,15 @@ def read_csv_metric(run_dir: Path, key: str) -> dict[int, float]:
             if row.get(key):
                 values[int(row["step"])] = float(row[key])
     return values
+
+
+def scalars(tensorboard_dir: Path) -> dict[str, dict[int, float]]:
+    """tag -> {step: value} of every scalar in the TensorBoard events under ``tensorboard_dir``."""
+    accumulator = EventAccumulator(str(tensorboard_dir))
+    accumulator.Reload()
+    return {
+        tag: {event.step: event.value for event in accumulator.Scalars(tag)} for tag in accumulator.Tags()["scalars"]
+    }
 
 
 # ----------------------------------------------------------------------------------------------

@@ -7,11 +7,11 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from helpers import OPTION_NEEDS, compose_config
+from helpers import OPTION_NEEDS, compose_config, write_task_data
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from lmforge.data import LMDataModule
+from lmforge.data import LMDataModule, SFTDataModule
 from lmforge.models.base import LanguageModel
 from lmforge.training.batching import trainer_settings
 from lmforge.training.config import CONFIG_PATH, build_datamodule, instantiate_all
@@ -39,11 +39,13 @@ def test_group_option_composes_and_instantiates(group, option, tmp_path, corpus_
     overrides += OPTION_NEEDS.get((group, option), [])
     cfg = compose_config("train", overrides, tmp_path)
     if OmegaConf.is_missing(cfg.data, "path"):
-        # Your own files (data=text_files, an experiment, or the default): the test corpus.
-        cfg = compose_config("train", [*overrides, f"data.path={corpus_dir}"], tmp_path)
+        # Your own files (data=text_files or data=sft, an experiment, or the default): test data.
+        is_task_data = cfg.data._target_ == "lmforge.data.SFTDataModule"
+        path = write_task_data(tmp_path / "tasks.jsonl") if is_task_data else corpus_dir
+        cfg = compose_config("train", [*overrides, f"data.path={path}"], tmp_path)
 
     datamodule = build_datamodule(cfg.data)
-    assert isinstance(datamodule, LMDataModule)
+    assert isinstance(datamodule, (LMDataModule, SFTDataModule))
     net = instantiate(cfg.model, vocab_size=97)
     assert isinstance(net, LanguageModel)
     logits = net(torch.zeros(2, min(8, cfg.data.block_size), dtype=torch.long))

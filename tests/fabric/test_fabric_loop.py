@@ -12,8 +12,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import DEFAULT_MODEL, REPO_ROOT, compose_config, free_port, read_csv_metric, run_cli, tiny_train_overrides
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from helpers import (
+    DEFAULT_MODEL,
+    REPO_ROOT,
+    compose_config,
+    free_port,
+    read_csv_metric,
+    run_cli,
+    scalars,
+    tiny_train_overrides,
+)
 
 import lmforge.fabric.loop
 from lmforge.cli.train import train
@@ -29,15 +37,6 @@ TRAINER_ONLY = ("callbacks.", "trainer.accelerator=")
 def tiny_fabric_overrides(corpus: Path, *extra: str) -> list[str]:
     base = [o for o in tiny_train_overrides(corpus) if not o.startswith(TRAINER_ONLY)]
     return [*base, "trainer.accelerator=cpu", "throughput.window_size=3", *extra]
-
-
-def scalars(tensorboard_dir: Path) -> dict[str, dict[int, float]]:
-    """tag -> {step: value} of every scalar in the TensorBoard events under ``tensorboard_dir``."""
-    accumulator = EventAccumulator(str(tensorboard_dir))
-    accumulator.Reload()
-    return {
-        tag: {event.step: event.value for event in accumulator.Scalars(tag)} for tag in accumulator.Tags()["scalars"]
-    }
 
 
 def run_dirs(log_dir: Path) -> list[Path]:

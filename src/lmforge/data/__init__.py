@@ -2,6 +2,7 @@
 
 from lmforge.data.cache import CachedCorpus, prepare_corpus
 from lmforge.data.datamodule import LMDataModule
+from lmforge.data.sft import SFTDataModule
 from lmforge.data.sources import CorpusSource, DownloadedTextSource, StdlibSource, TextFilesSource
 from lmforge.data.tokenizer import EOT_TOKEN, encode_documents, load_tokenizer, save_tokenizer, train_tokenizer
 from lmforge.data.windows import EvalWindows, MicroBatchSampler, TrainWindows
@@ -15,6 +16,7 @@ __all__ = [
     "DownloadedTextSource",
     "EvalWindows",
     "LMDataModule",
+    "SFTDataModule",
     "MicroBatchSampler",
     "StdlibSource",
     "TextFilesSource",

@@ -173,8 +173,14 @@ class LMDataModule(pl.LightningDataModule):
             **kwargs,
         )
 
-    def train_loader(self, start_micro_batch: int, rank: int, world_size: int = 1) -> DataLoader:
-        """An infinite loader of rank ``rank``'s training micro-batches, from number ``start_micro_batch`` on."""
+    def train_loader(
+        self, start_micro_batch: int, rank: int, world_size: int = 1, accumulate_grad_batches: int = 1
+    ) -> DataLoader:
+        """An infinite loader of rank ``rank``'s training micro-batches, from number ``start_micro_batch`` on.
+
+        ``accumulate_grad_batches`` is part of the data modules' shared interface; windows all hold
+        ``block_size`` targets, so their losses need no step-wide weighting and ignore it.
+        """
         dataset = TrainWindows(self.tokens("train"), self.block_size, self.batch_size, self.seed, rank, world_size)
         sampler = MicroBatchSampler(start_micro_batch, period=self.overfit_batches or None)
         return self._loader(dataset, batch_size=None, sampler=sampler)

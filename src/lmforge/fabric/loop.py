@@ -282,7 +282,8 @@ def _train(fabric: L.Fabric, run: Run, loop: LoopSettings) -> dict[str, float]:
 
     rank, world_size = fabric.global_rank, fabric.world_size
     # Batches are a function of the micro-batch index, so a resumed run continues the same sequence.
-    batches = iter(loader(datamodule.train_loader(start_step * loop.accumulate_grad_batches, rank, world_size)))
+    start_micro_batch = start_step * loop.accumulate_grad_batches
+    batches = iter(loader(datamodule.train_loader(start_micro_batch, rank, world_size, loop.accumulate_grad_batches)))
     val_loader = loader(datamodule.eval_loader("val", rank, world_size))
     eval_batches = 1 if loop.fast_dev_run else None
     eval_loss = MeanMetric().to(fabric.device)

@@ -92,10 +92,11 @@ def instantiate_all(cfg: DictConfig | None) -> list[Any]:
 
 
 def build_datamodule(data_cfg: DictConfig | dict, **overrides: Any):
-    """Instantiate the data module; ``data.path`` is a shorthand that the source reads, and
-    ``data.global_batch_tokens`` is for the batch plan."""
+    """Instantiate the data module; ``data.path`` is a shorthand that a corpus source reads (task data
+    takes it itself), and ``data.global_batch_tokens`` is for the batch plan."""
     node = to_container(data_cfg)
-    node.pop("path", None)
+    if "source" in node:
+        node.pop("path", None)
     node.pop("global_batch_tokens", None)  # read by the batch plan (lmforge.training.batching)
     return instantiate(node, **overrides)
 

@@ -22,11 +22,25 @@ def count_targets(targets: torch.Tensor, ignore_index: int = -100) -> torch.Tens
 
 
 def batch_loss(
-    net: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor], ignore_index: int = -100
+    net: torch.nn.Module, batch: tuple[torch.Tensor, ...], ignore_index: int = -100
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean next-token loss of ``net`` on a batch ``(inputs, targets)`` and the number of targets it averages."""
-    inputs, targets = batch
-    return next_token_loss(net(inputs), targets, ignore_index), count_targets(targets, ignore_index)
+    """Next-token loss of ``net`` on a batch and the number of targets it covers.
+
+    A batch ``(inputs, targets)`` gives the mean over its targets. Task batches (whose micro-batches
+    hold different numbers of answer tokens) are ``(inputs, targets, step_mean_targets)``: their
+    summed loss divided by the mean loss-token count per micro-batch of the optimizer step, so that
+    the averages over accumulation steps and processes come out as the mean over all the step's
+    tokens (:class:`lmforge.data.sft.TaskTrainBatches`).
+    """
+    inputs, targets, *step_mean_targets = batch
+    count = count_targets(targets, ignore_index)
+    if not step_mean_targets:
+        return next_token_loss(net(inputs), targets, ignore_index), count
+    logits = net(inputs)
+    total = F.cross_entropy(
+        logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=ignore_index, reduction="sum"
+    )
+    return total / step_mean_targets[0], count
 
 
 def loss_and_perplexity(metric: MeanMetric) -> tuple[torch.Tensor, torch.Tensor]:

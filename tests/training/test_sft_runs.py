@@ -1,0 +1,104 @@
+"""Fine-tuning runs on task data (data=sft): both loops resume exactly, and DDP matches one process."""
+
+from __future__ import annotations
+
+import csv
+
+import pytest
+import torch
+from helpers import (
+    DEFAULT_MODEL,
+    compose_config,
+    read_csv_metric,
+    run_cli,
+    scalars,
+    succeeded,
+    tiny_sft_overrides,
+    write_task_data,
+)
+
+from lmforge.cli.train import train
+from lmforge.fabric.loop import fit
+from lmforge.training.checkpoint import read_network
+
+TRAINER_ONLY = ("callbacks.", "trainer.accelerator=")
+RESUMABLE = [
+    "trainer.max_steps=8",
+    "trainer.accumulate_grad_batches=2",
+    "trainer.log_every_n_steps=1",
+    "test=false",
+]
+
+
+@pytest.fixture(scope="module")
+def task_file(tmp_path_factory):
+    return write_task_data(tmp_path_factory.mktemp("tasks") / "qa.jsonl")
+
+
+def test_trainer_resumes_exactly_on_task_data(tmp_path, task_file):
+    common = [
+        *tiny_sft_overrides(task_file, DEFAULT_MODEL, *RESUMABLE),
+        "logger=csv",
+        "callbacks.periodic_checkpoint.every_n_train_steps=4",
+        "callbacks.periodic_checkpoint.save_top_k=-1",
+    ]
+    train(compose_config("train", common, tmp_path / "full"))
+    step4 = tmp_path / "full" / "run" / "checkpoints" / "periodic-step000004.ckpt"
+    train(compose_config("train", [*common, f"ckpt_path={step4}"], tmp_path / "resumed"))
+    full = read_csv_metric(tmp_path / "full" / "run", "train/loss")
+    resumed = read_csv_metric(tmp_path / "resumed" / "run", "train/loss")
+    assert sorted(resumed) == list(range(4, 8))
+    for step in resumed:
+        assert resumed[step] == pytest.approx(full[step], abs=1e-6), step
+    weights = [
+        read_network(d / "run" / "checkpoints" / "last.ckpt").weights for d in (tmp_path / "full", tmp_path / "resumed")
+    ]
+    for name, tensor in weights[0].items():
+        torch.testing.assert_close(weights[1][name], tensor, rtol=0, atol=1e-6)
+
+
+def test_fabric_resumes_exactly_on_task_data(tmp_path, task_file):
+    base = [o for o in tiny_sft_overrides(task_file, DEFAULT_MODEL, *RESUMABLE) if not o.startswith(TRAINER_ONLY)]
+    common = [*base, "trainer.accelerator=cpu", "trainer.checkpoint_every_n_steps=4", "trainer.val_check_interval=4"]
+    fit(compose_config("fabric", common, tmp_path / "full"))
+    step4 = tmp_path / "full" / "run" / "checkpoints" / "step000004.ckpt"
+    fit(compose_config("fabric", [*common, f"ckpt_path={step4}"], tmp_path / "resumed"))
+    full, resumed = (scalars(tmp_path / d / "run" / "tensorboard") for d in ("full", "resumed"))
+    assert sorted(resumed["train/loss"]) == list(range(4, 8))
+    for step in range(4, 8):
+        assert resumed["train/loss"][step] == pytest.approx(full["train/loss"][step], abs=1e-6), step
+    assert resumed["val/loss"][8] == pytest.approx(full["val/loss"][8], abs=1e-6)
+
+
+def val_losses(log_dir) -> dict[int, float]:
+    (metrics,) = log_dir.glob("train/runs/*/csv/metrics.csv")
+    with open(metrics) as handle:
+        return {int(row["step"]): float(row["val/loss"]) for row in csv.DictReader(handle) if row.get("val/loss")}
+
+
+@pytest.mark.slow
+def test_one_and_two_processes_fine_tune_alike_for_the_same_global_batch(task_file, tmp_path):
+    """1 process x 2 accumulation steps and 2 DDP processes x 1 give the same validation losses and
+    weights within 1e-5 (fp32, one thread each: see test_batching's test of the same for corpora),
+    though their micro-batches hold different numbers of answer tokens."""
+    common = [
+        *tiny_sft_overrides(task_file, DEFAULT_MODEL),
+        "data.global_batch_tokens=512",  # 2 micro-batches of 8 examples x block 32
+        "trainer.max_steps=6",
+        "logger=csv",
+        "test=false",
+        f"paths.data_dir={tmp_path}/data",
+    ]
+    one = [*common, "trainer.val_check_interval=6", f"paths.log_dir={tmp_path}/one"]
+    two = [*common, "trainer=ddp_sim", "trainer.val_check_interval=3", f"paths.log_dir={tmp_path}/two"]
+    assert succeeded(run_cli("train", *one, env={"OMP_NUM_THREADS": "1"}))
+    assert succeeded(run_cli("train", *two, env={"OMP_NUM_THREADS": "1"}))
+    losses_one, losses_two = val_losses(tmp_path / "one"), val_losses(tmp_path / "two")
+    assert sorted(losses_one) == sorted(losses_two) and losses_one
+    for step in losses_one:
+        assert abs(losses_one[step] - losses_two[step]) <= 1e-5, (step, losses_one[step], losses_two[step])
+    (last_one,) = (tmp_path / "one").glob("train/runs/*/checkpoints/last.ckpt")
+    (last_two,) = (tmp_path / "two").glob("train/runs/*/checkpoints/last.ckpt")
+    weights_one, weights_two = read_network(last_one).weights, read_network(last_two).weights
+    for name, tensor in weights_one.items():
+        torch.testing.assert_close(tensor, weights_two[name], rtol=0, atol=1e-5, msg=name)
