@@ -70,17 +70,17 @@ def test_fabric_resumes_exactly_on_task_data(tmp_path, task_file):
     assert resumed["val/loss"][8] == pytest.approx(full["val/loss"][8], abs=1e-6)
 
 
-def val_losses(log_dir) -> dict[int, float]:
+def val_values(log_dir, key: str = "val/loss") -> dict[int, float]:
     (metrics,) = log_dir.glob("train/runs/*/csv/metrics.csv")
     with open(metrics) as handle:
-        return {int(row["step"]): float(row["val/loss"]) for row in csv.DictReader(handle) if row.get("val/loss")}
+        return {int(row["step"]): float(row[key]) for row in csv.DictReader(handle) if row.get(key)}
 
 
 @pytest.mark.slow
 def test_one_and_two_processes_fine_tune_alike_for_the_same_global_batch(task_file, tmp_path):
     """1 process x 2 accumulation steps and 2 DDP processes x 1 give the same validation losses and
     weights within 1e-5 (fp32, one thread each: see test_batching's test of the same for corpora),
-    though their micro-batches hold different numbers of answer tokens."""
+    though their micro-batches hold different numbers of answer tokens, and the same task scores."""
     common = [
         *tiny_sft_overrides(task_file, DEFAULT_MODEL),
         "data.global_batch_tokens=512",  # 2 micro-batches of 8 examples x block 32
@@ -93,10 +93,12 @@ def test_one_and_two_processes_fine_tune_alike_for_the_same_global_batch(task_fi
     two = [*common, "trainer=ddp_sim", "trainer.val_check_interval=3", f"paths.log_dir={tmp_path}/two"]
     assert succeeded(run_cli("train", *one, env={"OMP_NUM_THREADS": "1"}))
     assert succeeded(run_cli("train", *two, env={"OMP_NUM_THREADS": "1"}))
-    losses_one, losses_two = val_losses(tmp_path / "one"), val_losses(tmp_path / "two")
+    losses_one, losses_two = val_values(tmp_path / "one"), val_values(tmp_path / "two")
     assert sorted(losses_one) == sorted(losses_two) and losses_one
     for step in losses_one:
         assert abs(losses_one[step] - losses_two[step]) <= 1e-5, (step, losses_one[step], losses_two[step])
+    # the task scores gather every process's answers: the same sample scored as one process does
+    assert val_values(tmp_path / "one", "val/chrf") == val_values(tmp_path / "two", "val/chrf")
     (last_one,) = (tmp_path / "one").glob("train/runs/*/checkpoints/last.ckpt")
     (last_two,) = (tmp_path / "two").glob("train/runs/*/checkpoints/last.ckpt")
     weights_one, weights_two = read_network(last_one).weights, read_network(last_two).weights

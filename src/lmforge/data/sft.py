@@ -232,14 +232,15 @@ class TaskExamples:
         self.block_size = block_size
         self.mask_prompt = mask_prompt
         self.ignore_index = ignore_index
-        self.pad_id = eot_id(cache.tokenizer)
-        starts, ends = offsets[:-1], offsets[1:]
-        self.truncated = int(np.sum(ends - starts > block_size + 1))
-        ends = np.minimum(ends, starts + block_size + 1)
+        self.eos_id = eot_id(cache.tokenizer)  # also pads the batches
+        starts, full_ends = offsets[:-1], offsets[1:]
+        self.truncated = int(np.sum(full_ends - starts > block_size + 1))
+        ends = np.minimum(full_ends, starts + block_size + 1)
         targets = np.array([self._targets(s, e).sum() for s, e in zip(starts, ends)], dtype=np.int64)
         usable = targets > 0
         self.dropped = int(np.sum(~usable))
         self.starts, self.ends, self.targets = starts[usable], ends[usable], targets[usable]
+        self.full_ends = full_ends[usable]
         self.total = len(starts)
 
     def _targets(self, start: int, end: int) -> np.ndarray:
@@ -250,6 +251,10 @@ class TaskExamples:
 
     def __len__(self) -> int:
         return len(self.starts)
+
+    def span(self, i: int) -> tuple[int, int]:
+        """Where example ``i`` lies in the token ids, before it is cut to the context."""
+        return int(self.starts[i]), int(self.full_ends[i])
 
     @property
     def lengths(self) -> np.ndarray:
@@ -264,7 +269,7 @@ class TaskExamples:
     def batch(self, indices: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         """Inputs and targets of examples ``indices``, padded to the longest of them."""
         width = int(self.lengths[indices].max())
-        inputs = np.full((len(indices), width), self.pad_id, dtype=np.int64)
+        inputs = np.full((len(indices), width), self.eos_id, dtype=np.int64)
         targets = np.full((len(indices), width), self.ignore_index, dtype=np.int64)
         for row, i in enumerate(indices):
             start, end = self.starts[i], self.ends[i]
@@ -379,7 +384,9 @@ class SFTDataModule(pl.LightningDataModule):
     (prompt + answer + EOS) trained on; ``batch_size`` counts examples. ``val_size`` and
     ``test_size`` are fractions or numbers of examples (``test_size=0``: the test split is the
     validation split). ``mask_prompt=False`` trains on the whole sequence. ``eval_examples`` caps
-    the (seeded, fixed) sample that validation scores.
+    the (seeded, fixed) sample whose loss validation measures; ``metric_examples`` of them (0: none)
+    are also answered greedily, up to ``max_answer_tokens``, and scored
+    (:mod:`lmforge.training.task_eval`).
     """
 
     def __init__(
@@ -395,6 +402,8 @@ class SFTDataModule(pl.LightningDataModule):
         seed: int = 1337,
         eval_examples: int | None = None,
         mask_prompt: bool = True,
+        metric_examples: int = 32,
+        max_answer_tokens: int = 64,
         prompt_template: str = DEFAULT_PROMPT_TEMPLATE,
         chat_template: str | None = None,
         num_workers: int = 0,
@@ -406,11 +415,13 @@ class SFTDataModule(pl.LightningDataModule):
         if tokenizer not in TOKENIZER_KINDS:
             raise DataError(f"data.tokenizer={tokenizer!r} is not one of {', '.join(TOKENIZER_KINDS)}")
         positive = {"block_size": block_size, "batch_size": batch_size, "eval_batch_size": eval_batch_size}
+        positive["max_answer_tokens"] = max_answer_tokens
         for name, value in {**positive, "eval_examples": eval_examples}.items():
             if value is not None and value < 1:
                 raise DataError(f"data.{name}={value} must be >= 1")
-        if num_workers < 0:
-            raise DataError(f"data.num_workers={num_workers} must be >= 0")
+        for name, value in {"num_workers": num_workers, "metric_examples": metric_examples}.items():
+            if value < 0:
+                raise DataError(f"data.{name}={value} must be >= 0")
         check_split_size("val_size", val_size)
         check_split_size("test_size", test_size)
         if val_size == 0:
@@ -427,6 +438,8 @@ class SFTDataModule(pl.LightningDataModule):
         self.seed = seed
         self.eval_examples = eval_examples
         self.mask_prompt = mask_prompt
+        self.metric_examples = metric_examples
+        self.max_answer_tokens = max_answer_tokens
         self.format_settings = {"prompt_template": prompt_template, "chat_template": chat_template}
         self.num_workers = num_workers
         self.pin_memory = pin_memory

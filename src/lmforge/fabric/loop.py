@@ -49,6 +49,7 @@ from lmforge.training.run import (
     prepare_run,
 )
 from lmforge.training.safety import AtomicCheckpointIO, NonFiniteLossPolicy, StopSignals, report_interruption
+from lmforge.training.task_eval import TaskScores, log_answers, validate_task
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -247,6 +248,21 @@ def fit(cfg: DictConfig) -> dict[str, float]:
     return _train(fabric, prepare_run(cfg, start, "fabric"), loop)
 
 
+def score_answers(
+    fabric: L.Fabric, net: torch.nn.Module, datamodule: Any, split: str, scores: TaskScores, step: int
+) -> dict[str, float]:
+    """Task metrics of ``split`` (task data only), logged with a few answers as text; {} otherwise."""
+    result = validate_task(net, datamodule, split, scores, fabric.global_rank, fabric.world_size, fabric.device)
+    if result is None:
+        return {}
+    values, answered = result
+    logged = {f"{split}/{key}": value for key, value in values.items()}
+    fabric.log_dict(logged, step=step)
+    if fabric.is_global_zero:
+        log_answers(fabric.loggers, f"{split}/answers", answered, step)
+    return logged
+
+
 def _train(fabric: L.Fabric, run: Run, loop: LoopSettings) -> dict[str, float]:
     cfg, datamodule = run.cfg, run.datamodule
     net = build_network(run.net_config)
@@ -287,6 +303,7 @@ def _train(fabric: L.Fabric, run: Run, loop: LoopSettings) -> dict[str, float]:
     val_loader = loader(datamodule.eval_loader("val", rank, world_size))
     eval_batches = 1 if loop.fast_dev_run else None
     eval_loss = MeanMetric().to(fabric.device)
+    task_scores = TaskScores()
     throughput = ThroughputMonitor(fabric, window_size=cfg.throughput.window_size)
     if cfg.throughput.peak_flops:
         throughput.available_flops = cfg.throughput.peak_flops
@@ -338,6 +355,7 @@ def _train(fabric: L.Fabric, run: Run, loop: LoopSettings) -> dict[str, float]:
             if done % loop.val_check_interval == 0 or done == loop.steps:
                 with profile("validation"):
                     val_loss, val_ppl = evaluate(fabric, model, val_loader, eval_loss, cfg.ignore_index, eval_batches)
+                    metrics.update(score_answers(fabric, net, datamodule, "val", task_scores, done))
                 metrics.update({"val/loss": val_loss.item(), "val/ppl": val_ppl.item()})
                 fabric.log_dict({"val/loss": val_loss, "val/ppl": val_ppl}, step=done)
                 fabric.print(f"step {done}/{loop.steps}  val/loss {val_loss:.4f}  val/ppl {val_ppl:.2f}")
@@ -362,6 +380,7 @@ def _train(fabric: L.Fabric, run: Run, loop: LoopSettings) -> dict[str, float]:
         test_loss, test_ppl = evaluate(fabric, model, test_loader, eval_loss, cfg.ignore_index, eval_batches)
         metrics.update({"test/loss": test_loss.item(), "test/ppl": test_ppl.item()})
         fabric.log_dict({"test/loss": test_loss, "test/ppl": test_ppl}, step=loop.steps)
+        metrics.update(score_answers(fabric, net, datamodule, "test", task_scores, loop.steps))
     for logger in fabric.loggers:
         logger.finalize("success")
     if profiler is not None:

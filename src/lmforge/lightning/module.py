@@ -19,6 +19,7 @@ from lmforge.training.optim import build_optimizer, gradient_norm
 from lmforge.training.parallel import apply_block_options, limit_cpu_threads, shard_model
 from lmforge.training.precision import mixed_precision_dtypes
 from lmforge.training.run import is_logging_step
+from lmforge.training.task_eval import TaskScores, log_answers, validate_task
 
 
 class LMModule(L.LightningModule):
@@ -55,6 +56,7 @@ class LMModule(L.LightningModule):
         self.net: LanguageModel = build_network(model)
         self.val_loss = MeanMetric()
         self.test_loss = MeanMetric()
+        self.task_scores = TaskScores()
         self.run_metadata: dict | None = None
         self.flops_per_batch: float | None = None  # read by the throughput monitor
         self._tokens_per_micro_batch = 0
@@ -159,9 +161,27 @@ class LMModule(L.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         self._log_loss_and_perplexity("val", self.val_loss)
+        if not self.trainer.sanity_checking:
+            self._log_task_scores("val")
 
     def on_test_epoch_end(self) -> None:
         self._log_loss_and_perplexity("test", self.test_loss)
+        self._log_task_scores("test")
+
+    def _log_task_scores(self, split: str) -> None:
+        """On task data: exact match, chrF and BLEU of greedy answers, and a few of them as text."""
+        datamodule = getattr(self.trainer, "datamodule", None)
+        trainer = self.trainer
+        result = validate_task(
+            self.net, datamodule, split, self.task_scores, trainer.global_rank, trainer.world_size, self.device
+        )
+        if result is None:
+            return
+        values, answered = result
+        for key, value in values.items():  # already reduced over all ranks
+            self.log(f"{split}/{key}", value, sync_dist=True)
+        if trainer.is_global_zero:
+            log_answers(self.loggers, f"{split}/answers", answered, self.global_step)
 
     def _log_loss_and_perplexity(self, stage: str, metric: MeanMetric) -> None:
         loss, perplexity = loss_and_perplexity(metric)  # the metric has reduced over all ranks already

@@ -86,8 +86,12 @@ class LanguageModel(nn.Module, ABC):
         top_p: float | None = None,
         generator: torch.Generator | None = None,
         use_cache: bool = True,
+        stop_token: int | None = None,
     ) -> torch.Tensor:
         """Extend the prompts ``idx`` (B, T) by ``max_new_tokens`` sampled tokens; returns (B, T + max_new_tokens).
+
+        With ``stop_token`` it may return fewer new tokens: it stops once every row has produced that
+        token (what a row generates after it is meaningless: cut it there).
 
         Sampling follows ``sample_next_token`` (``temperature=0`` is greedy). The
         model runs in eval mode for the call and its previous mode is restored.
@@ -113,6 +117,7 @@ class LanguageModel(nn.Module, ABC):
         limit = self.context_limit
         start = 0 if limit is None else max(0, idx.size(1) - limit)  # context = idx[:, start:]
         state, cached_from, cached_to = None, 0, 0  # the state holds idx[:, cached_from:cached_to]
+        stopped = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
         was_training = self.training
         self.eval()
         try:
@@ -128,6 +133,10 @@ class LanguageModel(nn.Module, ABC):
                     logits = self(idx[:, start:])
                 next_token = sample_next_token(logits[:, -1, :], temperature, top_k, top_p, generator)
                 idx = torch.cat((idx, next_token), dim=1)
+                if stop_token is not None:
+                    stopped |= next_token[:, 0] == stop_token
+                    if stopped.all():
+                        break
         finally:
             self.train(was_training)
         return idx

@@ -8,6 +8,7 @@ from rich.console import Console
 from rich.table import Table
 
 from lmforge.models.base import LanguageModel
+from lmforge.training.task_eval import TASK_METRICS
 
 
 def describe_network(net: LanguageModel, seq_len: int) -> str:
@@ -26,13 +27,15 @@ def print_run_summary(
     tensorboard_dir: str | None,
     sample: str | None,
 ) -> None:
-    """Print final losses, perplexities, throughput, where the outputs are, and a sample."""
+    """Print final losses, perplexities (and task scores), throughput, where the outputs are, and a sample."""
     table = Table(title="lmforge run summary", show_header=False)
     table.add_column(style="bold", no_wrap=True)
     table.add_column(overflow="fold")
-    for key in ("val/loss", "val/ppl", "test/loss", "test/ppl"):
-        if key in metrics:
-            table.add_row(key, f"{metrics[key]:.4f}")
+    for split in ("val", "test"):
+        for name in ("loss", "ppl", *TASK_METRICS):
+            key = f"{split}/{name}"
+            if key in metrics:
+                table.add_row(key, f"{metrics[key]:.4f}" if name in ("loss", "ppl") else f"{metrics[key]:.2f}")
     if tokens_per_sec:
         table.add_row("train tokens/s", f"{tokens_per_sec:,.0f}")
     if best_checkpoint:

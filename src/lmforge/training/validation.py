@@ -72,7 +72,7 @@ def check_generate_config(cfg: DictConfig) -> None:
     """Check a ``generate`` config's sampling settings."""
     if not cfg.prompt:
         raise ConfigError('prompt is empty; give some text to continue, e.g. prompt="def "')
-    for key in ("max_new_tokens", "num_samples"):
+    for key in ("max_new_tokens", "num_samples", "batch_size"):
         if not cfg[key] >= 1:
             raise ConfigError(f"{key}={cfg[key]} must be >= 1")
     try:
