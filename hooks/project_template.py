@@ -57,6 +57,7 @@ FEATURE_FILES = {
         "configs/model/gpt.yaml",
         "configs/optimizer/muon.yaml",
         "benchmarks/quality.py",
+        "benchmarks/finetune.py",  # translation fine-tuning trains a small GPT
         "benchmarks/gpu_smoke.sh",
         "tests/test_benchmarks.py",
     ],

@@ -20,7 +20,9 @@ from helpers import (
     read_csv_metric,
     run_cli,
     scalars,
+    tiny_sft_overrides,
     tiny_train_overrides,
+    write_task_data,
 )
 
 import lmforge.fabric.loop
@@ -115,6 +117,27 @@ def test_resume_continues_exactly(tmp_path, corpus_dir):
     assert final_resumed["scheduler"]["last_epoch"] == 12
     for name, tensor in final_full["model"].items():
         torch.testing.assert_close(final_resumed["model"][name], tensor, rtol=0, atol=1e-6)
+
+
+def test_resume_continues_exactly_on_task_data(tmp_path):
+    """Task batches (data=sft) resume exactly too: their order and loss weights depend on the step alone."""
+    task_file = write_task_data(tmp_path / "qa.jsonl")
+    resumable = [
+        "trainer.max_steps=8",
+        "trainer.accumulate_grad_batches=2",
+        "trainer.log_every_n_steps=1",
+        "test=false",
+    ]
+    base = [o for o in tiny_sft_overrides(task_file, DEFAULT_MODEL, *resumable) if not o.startswith(TRAINER_ONLY)]
+    common = [*base, "trainer.accelerator=cpu", "trainer.checkpoint_every_n_steps=4", "trainer.val_check_interval=4"]
+    fit(compose_config("fabric", common, tmp_path / "full"))
+    step4 = tmp_path / "full" / "run" / "checkpoints" / "step000004.ckpt"
+    fit(compose_config("fabric", [*common, f"ckpt_path={step4}"], tmp_path / "resumed"))
+    full, resumed = (scalars(tmp_path / d / "run" / "tensorboard") for d in ("full", "resumed"))
+    assert sorted(resumed["train/loss"]) == list(range(4, 8))
+    for step in range(4, 8):
+        assert resumed["train/loss"][step] == pytest.approx(full["train/loss"][step], abs=1e-6), step
+    assert resumed["val/loss"][8] == pytest.approx(full["val/loss"][8], abs=1e-6)
 
 
 def test_first_loss_matches_the_trainer(tmp_path, corpus_dir):

@@ -1,4 +1,4 @@
-"""Fine-tuning runs on task data (data=sft): both loops resume exactly, and DDP matches one process."""
+"""Fine-tuning runs on task data (data=sft): the Trainer resumes exactly, and DDP matches one process."""
 
 from __future__ import annotations
 
@@ -11,17 +11,14 @@ from helpers import (
     compose_config,
     read_csv_metric,
     run_cli,
-    scalars,
     succeeded,
     tiny_sft_overrides,
     write_task_data,
 )
 
 from lmforge.cli.train import train
-from lmforge.fabric.loop import fit
 from lmforge.training.checkpoint import read_network
 
-TRAINER_ONLY = ("callbacks.", "trainer.accelerator=")
 RESUMABLE = [
     "trainer.max_steps=8",
     "trainer.accumulate_grad_batches=2",
@@ -55,19 +52,6 @@ def test_trainer_resumes_exactly_on_task_data(tmp_path, task_file):
     ]
     for name, tensor in weights[0].items():
         torch.testing.assert_close(weights[1][name], tensor, rtol=0, atol=1e-6)
-
-
-def test_fabric_resumes_exactly_on_task_data(tmp_path, task_file):
-    base = [o for o in tiny_sft_overrides(task_file, DEFAULT_MODEL, *RESUMABLE) if not o.startswith(TRAINER_ONLY)]
-    common = [*base, "trainer.accelerator=cpu", "trainer.checkpoint_every_n_steps=4", "trainer.val_check_interval=4"]
-    fit(compose_config("fabric", common, tmp_path / "full"))
-    step4 = tmp_path / "full" / "run" / "checkpoints" / "step000004.ckpt"
-    fit(compose_config("fabric", [*common, f"ckpt_path={step4}"], tmp_path / "resumed"))
-    full, resumed = (scalars(tmp_path / d / "run" / "tensorboard") for d in ("full", "resumed"))
-    assert sorted(resumed["train/loss"]) == list(range(4, 8))
-    for step in range(4, 8):
-        assert resumed["train/loss"][step] == pytest.approx(full["train/loss"][step], abs=1e-6), step
-    assert resumed["val/loss"][8] == pytest.approx(full["val/loss"][8], abs=1e-6)
 
 
 def val_values(log_dir, key: str = "val/loss") -> dict[int, float]:
