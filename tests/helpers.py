@@ -99,6 +99,35 @@ def tiny_train_overrides(corpus: Path, model: str = DEFAULT_MODEL, *extra: str) 
     return ["data=text_files", f"data.path={corpus}", *TINY_MODEL[model], *TINY_RUN, *extra]
 
 
+def write_task_pairs(path: Path, pairs: int = 200) -> Path:
+    """Write tab-separated English-French pairs with a credit column, as Tatoeba's are, and return the path."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lines = [f"I see {i} cats.\tJe vois {i} chats.\tCC-BY 2.0 (France) Attribution: tatoeba.org" for i in range(pairs)]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+# The fine-tuning experiments, each with its data (qa_arithmetic ships its own) and a run of seconds.
+FINE_TUNING_EXPERIMENTS = {
+    "qa_arithmetic": lambda tmp_path: [],
+    "translate_en_fr": lambda tmp_path: [
+        f"data.path={write_task_pairs(tmp_path / 'pairs.tsv')}",
+        "data.val_size=20",
+        "data.test_size=20",
+    ],
+}
+SHORT_FINE_TUNING = [
+    "model.n_layer=1",
+    "trainer.max_steps=4",
+    "trainer.val_check_interval=2",
+    "scheduler.warmup_steps=1",
+    "data.metric_examples=4",
+    "data.max_answer_tokens=8",
+    "sample.max_new_tokens=8",
+    "extras.print_config=false",
+]
+
+
 def tiny_sft_overrides(task_file: Path, model: str = DEFAULT_MODEL, *extra: str) -> list[str]:
     """Overrides for a seconds-long fine-tuning run on a task file (``data=sft``)."""
     eval_windows = "data.eval_windows=32"

@@ -14,7 +14,9 @@ import pytest
 import torch
 from helpers import (
     DEFAULT_MODEL,
+    FINE_TUNING_EXPERIMENTS,  # [gpt]
     REPO_ROOT,
+    SHORT_FINE_TUNING,  # [gpt]
     compose_config,
     free_port,
     read_csv_metric,
@@ -213,6 +215,19 @@ def fabric_run(*args: str) -> subprocess.CompletedProcess:
     )
 
 
+# [gpt]
+@pytest.mark.slow
+@pytest.mark.parametrize("experiment", list(FINE_TUNING_EXPERIMENTS))
+def test_fine_tuning_experiments_run_on_two_ddp_processes(experiment, tmp_path):
+    overrides = [f"experiment={experiment}", *FINE_TUNING_EXPERIMENTS[experiment](tmp_path), *SHORT_FINE_TUNING]
+    paths = [f"paths.log_dir={tmp_path}/logs", f"paths.data_dir={tmp_path}/data"]
+    result = fabric_run("--accelerator=cpu", "--devices=2", "--strategy=ddp", *overrides, *paths)
+    errors = [line for line in result.stderr.splitlines() if "rror" in line or "rank" in line]
+    assert result.returncode == 0, "\n".join(errors)[-6000:]
+    assert "test/chrf" in result.stdout and "test/exact_match" in result.stdout
+
+
+# [/gpt]
 @pytest.mark.slow
 def test_fabric_run_two_ddp_processes_share_one_run_dir(tmp_path, corpus_dir):
     logs = tmp_path / "logs"

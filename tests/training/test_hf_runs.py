@@ -154,3 +154,34 @@ def test_fsdp2_shards_each_decoder_layer_on_two_processes(neox_dir, corpus_dir, 
         assert all(param["placements"] == ["Shard(dim=0)"] for param in record["params"].values())
     (checkpoint,) = (tmp_path / "logs").glob("train/runs/*/checkpoints/last.ckpt")
     assert read_network(checkpoint).checkpoint["global_step"] == 4
+
+
+def test_chat_rows_are_rendered_with_the_pretrained_models_own_template(neox_dir, tmp_path):
+    """A chat model's directory brings its chat template: training renders chat rows with it, the
+    checkpoint carries it, and generation prompts with it."""
+    model_dir = tmp_path / "chat-model"
+    shutil.copytree(neox_dir, model_dir)
+    template = (
+        "{% for m in messages %}### {{ m.role }}: {{ m.content }}{% if m.role == 'assistant' %}{{ eos_token }}"
+        "{% endif %}\n{% endfor %}{% if add_generation_prompt %}### assistant: {% endif %}"
+    )
+    (model_dir / "chat_template.jinja").write_text(template)
+    rows = [
+        {"messages": [{"role": "user", "content": f"say {i}"}, {"role": "assistant", "content": f"{i}"}]}
+        for i in range(40)
+    ]
+    chats = tmp_path / "chats.jsonl"
+    chats.write_text("\n".join(json.dumps(row) for row in rows) + "\n")
+    overrides = [
+        "data=sft",
+        f"data.path={chats}",
+        "model=hf",
+        f"init_from={model_dir}",
+        *TINY_RUN,
+        "trainer.max_steps=2",
+    ]
+    cfg = compose_config("train", [o for o in overrides if not o.startswith("data.eval_windows")], tmp_path)
+    run = prepare_run(cfg, check_run(cfg, "train"), "train")
+    assert run.metadata["data"]["chat_template"] == template
+    ids = run.datamodule.examples("train").ids
+    assert run.tokenizer.decode(list(ids[:40])).startswith("### user: say ")

@@ -8,6 +8,8 @@ import pytest
 import torch
 from helpers import (
     DEFAULT_MODEL,
+    FINE_TUNING_EXPERIMENTS,  # [gpt]
+    SHORT_FINE_TUNING,  # [gpt]
     compose_config,
     read_csv_metric,
     run_cli,
@@ -88,3 +90,17 @@ def test_one_and_two_processes_fine_tune_alike_for_the_same_global_batch(task_fi
     weights_one, weights_two = read_network(last_one).weights, read_network(last_two).weights
     for name, tensor in weights_one.items():
         torch.testing.assert_close(tensor, weights_two[name], rtol=0, atol=1e-5, msg=name)
+
+
+# [gpt]
+@pytest.mark.slow
+@pytest.mark.parametrize("experiment", list(FINE_TUNING_EXPERIMENTS))
+def test_fine_tuning_experiments_train_under_ddp(experiment, tmp_path):
+    overrides = [f"experiment={experiment}", *FINE_TUNING_EXPERIMENTS[experiment](tmp_path), *SHORT_FINE_TUNING]
+    paths = [f"paths.log_dir={tmp_path}/logs", f"paths.data_dir={tmp_path}/data"]
+    result = run_cli("train", *overrides, *paths, "trainer=ddp_sim")
+    assert succeeded(result)
+    assert "test/chrf" in result.stdout and "test/exact_match" in result.stdout
+
+
+# [/gpt]

@@ -133,6 +133,19 @@ def read_chat_template(value: str | None) -> str | None:
     return template
 
 
+def pretrained_chat_template(directory: str | Path) -> str | None:
+    """The chat template a pretrained model's directory holds (``chat_template.jinja``, as recent
+    ``transformers`` saves it, or ``tokenizer_config.json``), None when it has none."""
+    directory = Path(directory)
+    for name in ("chat_template.jinja", "tokenizer_config.json"):
+        if (directory / name).is_file():
+            try:
+                return read_chat_template(str(directory / name))
+            except DataError:  # a tokenizer_config.json without a template
+                continue
+    return None
+
+
 @dataclass
 class TaskFormat:
     """How rows become examples: the TSV prompt template and the chat template."""

@@ -27,6 +27,8 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from tokenizers import Tokenizer
 
 from lmforge.data.datamodule import LMDataModule
+from lmforge.data.sft import SFTDataModule
+from lmforge.data.tasks import pretrained_chat_template
 from lmforge.errors import CheckpointError, ConfigError
 from lmforge.training.batching import apply_batch_plan
 from lmforge.training.checkpoint import (
@@ -72,7 +74,7 @@ class Run:
 
     cfg: DictConfig
     loop: str
-    datamodule: LMDataModule
+    datamodule: LMDataModule | SFTDataModule
     net_config: dict
     metadata: dict  # checkpoint["lmforge"] of every checkpoint this run writes
     resume: Resume | None = None
@@ -135,6 +137,9 @@ def _initial_weights(cfg: DictConfig) -> InitialWeights | None:
             architecture[key] = cfg.model[key]
     with open_dict(cfg):
         cfg.model = OmegaConf.create(architecture)
+        if "chat_template" in cfg.data and cfg.data.chat_template is None:
+            # task data renders chat rows as the pretrained chat model was trained to read them
+            cfg.data.chat_template = pretrained_chat_template(init.source)
     return init
 
 
