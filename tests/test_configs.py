@@ -15,6 +15,7 @@ from lmforge.data import LMDataModule, SFTDataModule
 from lmforge.models.base import LanguageModel
 from lmforge.training.batching import trainer_settings
 from lmforge.training.config import CONFIG_PATH, build_datamodule, instantiate_all
+from lmforge.training.run_dir import LABEL_CHARS, run_label
 
 GROUPS = sorted(p.name for p in Path(CONFIG_PATH).iterdir() if p.is_dir() and p.name != "hydra")
 
@@ -104,3 +105,25 @@ def test_run_dirs_of_same_second_differ(tmp_path):
         first = compose("train", return_hydra_config=True).hydra.run.dir
         second = compose("train", return_hydra_config=True).hydra.run.dir
     assert first != second
+
+
+def test_run_dirs_say_which_overrides_they_ran_with(tmp_path):
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    overrides = ["optimizer.lr=0.002", f"paths.log_dir={tmp_path}", "data=text_files", f"data.path={tmp_path}/x.txt"]
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONFIG_PATH, version_base="1.3"):
+        cfg = compose("train", overrides=overrides, return_hydra_config=True)
+        # Hydra sets job.override_dirname from the overrides when it launches a job
+        cfg.hydra.job.override_dirname = "data.path=/somewhere/x.txt,data=text_files,optimizer.lr=0.002"
+        run_dir = Path(OmegaConf.to_container(cfg.hydra.run, resolve=True)["dir"])
+    assert run_dir.parent == tmp_path / "train" / "runs"
+    assert run_dir.name.endswith("_data.path=x.txt,data=text_files,optimizer.lr=0.002")
+
+
+def test_run_label_keeps_whole_overrides_and_counts_the_rest():
+    assert run_label("") == ""
+    assert run_label("trainer=ddp,data.path=/data/corpus/") == "_trainer=ddp,data.path=corpus"
+    label = run_label(",".join(f"model.option_{i}=value{i}" for i in range(20)))
+    assert len(label) <= LABEL_CHARS + 1 and label.endswith(",model.option_4=value4,+15")

@@ -16,6 +16,7 @@ import atexit
 import hashlib
 import json
 import os
+import re
 import sys
 import time
 from datetime import datetime
@@ -27,6 +28,7 @@ from typing import Any
 # How long ranks > 0 wait for rank 0's hand-over file; older files are left-overs of killed runs.
 RUN_DIR_WAIT_SECONDS = 60.0
 _IMPORTED_AT = time.time()
+LABEL_CHARS = 120  # of the overrides in a run directory's name; file systems allow 255 bytes
 _RUN_DIRS_ENV = "LMFORGE_RUN_DIRS"
 # The environment as the process started: Lightning's launcher later sets MASTER_PORT & co. in
 # rank 0 for the processes it starts itself, which are not an external launch.
@@ -109,11 +111,31 @@ def _received(parent: str) -> str | None:
     return None
 
 
-def shared_run_dir(parent: str) -> str:
-    """``<parent>/<start time>``, the same in every process of a launch (resolver ``lmforge_run_dir``)."""
+def run_label(overrides: str) -> str:
+    """A folder-name suffix that says what a run is: its command-line overrides (Hydra's
+    ``override_dirname``, ``key=value`` joined by commas), a path value shortened to its last part,
+    characters a file name should not hold dropped; whole overrides up to :data:`LABEL_CHARS`
+    characters, then ``+N`` for the N left out (``.hydra/overrides.yaml`` has them all)."""
+    parts = []
+    for override in filter(None, overrides.split(",")):
+        key, _, value = override.partition("=")
+        short = f"{key}={value.rstrip('/').rsplit('/', 1)[-1]}" if "/" in value else override
+        parts.append(re.sub(r"[^A-Za-z0-9._=+@-]", "", short))
+    kept: list[str] = []
+    for part in parts:
+        if len(",".join([*kept, part])) > LABEL_CHARS:
+            kept.append(f"+{len(parts) - len(kept)}")
+            break
+        kept.append(part)
+    return "_" + ",".join(kept) if kept else ""
+
+
+def shared_run_dir(parent: str, overrides: str = "") -> str:
+    """``<parent>/<start time>_<overrides>`` (see :func:`run_label`), the same in every process of a
+    launch (resolver ``lmforge_run_dir``)."""
     if not is_rank_zero_process() and (run_dir := _received(parent)):
         return run_dir
-    run_dir = f"{parent}/{datetime.now():%Y-%m-%d_%H-%M-%S-%f}"
+    run_dir = f"{parent}/{datetime.now():%Y-%m-%d_%H-%M-%S-%f}{run_label(overrides)}"
     if is_rank_zero_process():
         _publish(parent, run_dir)
     return run_dir
