@@ -12,11 +12,11 @@ PORT   ?= 6006
 help: ## List the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-12s %s\n", $$1, $$2}'
 
-setup: $(STAMP) ## Create .venv and install lmforge with its extras (dev, hf, lora, wandb, mlflow, optuna) under the tested pins (no-op when up to date)
+setup: $(STAMP) ## Create .venv and install lmforge with its extras (dev, hf, lora, wandb, mlflow, optuna, datasets) under the tested pins (no-op when up to date)
 
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[dev,hf,lora,wandb,mlflow,optuna]'
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[dev,hf,lora,wandb,mlflow,optuna,datasets]'
 	@touch $@
 
 train: setup ## Train the default experiment (extra Hydra overrides: make train ARGS="trainer.max_steps=100")
