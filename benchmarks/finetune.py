@@ -100,6 +100,17 @@ def tokens_per_second(net, datamodule, rounds: int, steps: int) -> dict[str, flo
     return {name: statistics.median(values) for name, values in rates.items()}
 
 
+def padding_share(datamodule, batches: int = 500) -> float:
+    """The share of the computed positions that are padding, over the first ``batches`` task micro-batches."""
+    loader = iter(datamodule.train_loader(0, 0))
+    computed = real = 0
+    for _ in range(batches):
+        _, targets, _ = next(loader)
+        computed += targets.numel()
+        real += real_tokens(targets)
+    return 1 - real / computed
+
+
 def real_tokens(targets: torch.Tensor) -> int:
     """Positions of a batch that hold an example's tokens, not padding: up to the last target with a
     loss in each row (an answer ends its example; corpus windows have a loss everywhere)."""
@@ -133,10 +144,11 @@ def main() -> None:
             step = int(path.stem.split("step")[-1])
             rows.append([step, *score(step_network.build(), datamodule, args.test_pairs).values()])
         speed = tokens_per_second(network.build().train(), datamodule, args.rounds, steps=5)
+        padding = padding_share(datamodule)
 
     quality = [[step, f"{em:.1f}", f"{chrf:.1f}", f"{bleu:.1f}"] for step, em, chrf, bleu in rows]
     markdown = (
-        f"Translation fine-tuning from scratch ({args.steps} steps, {train_minutes:.1f} min; "
+        f"### Translation fine-tuning from scratch ({args.steps} steps, {train_minutes:.1f} min; "
         f"{args.test_pairs} test pairs, greedy)\n\n"
         + markdown_table(["step", "exact match", "chrF", "BLEU"], quality)
         + "\n"
@@ -147,9 +159,14 @@ def main() -> None:
                 ["corpus windows", f"{speed['corpus']:,.0f}", "1.00"],
             ],
         )
+        + f"\nPadding: {100 * padding:.1f}% of the positions of the task micro-batches (batch 32, bucketed).\n"
     )
     print(markdown)
-    write_results("finetune", {"quality": rows, "tokens_per_second": speed, "steps": args.steps}, markdown)
+    write_results(
+        "finetune",
+        {"quality": rows, "tokens_per_second": speed, "padding_share": padding, "steps": args.steps},
+        markdown,
+    )
 
 
 if __name__ == "__main__":

@@ -21,7 +21,11 @@ NOTES_HEADING = "### Notes"
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quality", action="store_true", help="also run the 2000-step quality comparison")
+    parser.add_argument(
+        "--quality",
+        action="store_true",
+        help="also run the 2000-step quality comparison and the translation fine-tuning",
+    )
     parser.add_argument("--ablation", action="store_true", help="with --quality: one run per lever")
     parser.add_argument("--quick", action="store_true", help="short throughput runs (smoke test)")
     parser.add_argument("--collect-only", action="store_true", help="only rebuild RESULTS.md from results/")
@@ -35,6 +39,7 @@ def main() -> None:
     ]
     if args.quality:
         scripts.append(["quality.py", *(["--ablation"] if args.ablation else [])])
+        scripts.append(["finetune.py"])
     for script in [] if args.collect_only else scripts:
         if not (HERE / script[0]).exists():  # a benchmark of a part this project was generated without
             print(f"== {script[0]}: not in this project, skipped", flush=True)
@@ -47,11 +52,11 @@ def main() -> None:
         f"Measured {facts['date']} on {facts['cpu']} ({facts['cores']} cores, GPU: {facts['gpu']}), "
         f"Python {facts['python']}, torch {facts['torch']}, lightning {facts['lightning']}, "
         f"tokenizers {facts['tokenizers']}. Reproduce with `make bench` "
-        "(add `ARGS=--quality` for the tiny-shakespeare table).\n\n"
+        "(add `ARGS=--quality` for the tiny-shakespeare and translation tables).\n\n"
     )
     tables = [
         (RESULTS_DIR / f"{name}.md").read_text()
-        for name in ("throughput", "data", "startup", "generate", "hf", "quality")
+        for name in ("throughput", "data", "startup", "generate", "hf", "quality", "finetune")
         if (RESULTS_DIR / f"{name}.md").exists()
     ]
     # The hand-written notes at the end of RESULTS.md stay; the tables above them are replaced.
