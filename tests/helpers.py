@@ -20,10 +20,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import torch
 from omegaconf import DictConfig
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from lmforge.errors import reported_errors
+from lmforge.training.checkpoint import read_network
 from lmforge.training.config import compose_in_process
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -199,6 +201,27 @@ def scalars(tensorboard_dir: Path) -> dict[str, dict[int, float]]:
     return {
         tag: {event.step: event.value for event in accumulator.Scalars(tag)} for tag in accumulator.Tags()["scalars"]
     }
+
+
+def csv_values(log_dir: Path, key: str = "val/loss") -> dict[int, float]:
+    """step -> value of ``key`` in the CSV log of the one training run under ``log_dir``."""
+    (metrics,) = log_dir.glob("train/runs/*/csv/metrics.csv")
+    with open(metrics) as handle:
+        return {int(row["step"]): float(row[key]) for row in csv.DictReader(handle) if row.get(key)}
+
+
+def assert_runs_agree(one: Path, two: Path, min_validations: int = 1, atol: float = 1e-5) -> None:
+    """The training runs under log dirs ``one`` and ``two`` validated at the same steps with losses within
+    ``atol``, and ended with weights within ``atol``."""
+    losses_one, losses_two = csv_values(one), csv_values(two)
+    assert sorted(losses_one) == sorted(losses_two) and len(losses_one) >= min_validations
+    for step in losses_one:
+        assert abs(losses_one[step] - losses_two[step]) <= atol, (step, losses_one[step], losses_two[step])
+    (last_one,) = one.glob("train/runs/*/checkpoints/last.ckpt")
+    (last_two,) = two.glob("train/runs/*/checkpoints/last.ckpt")
+    weights_one, weights_two = read_network(last_one).weights, read_network(last_two).weights
+    for name, tensor in weights_one.items():
+        torch.testing.assert_close(tensor, weights_two[name], rtol=0, atol=atol, msg=name)
 
 
 # ----------------------------------------------------------------------------------------------

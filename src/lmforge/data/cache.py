@@ -164,24 +164,10 @@ def prepare_corpus(
         "seed": seed,
         "cache_version": CACHE_VERSION,
     }
-    key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
-    root = Path(cache_root).absolute()
-    final = root / f"{source.name}-{key[:12]}"
-
+    final = cache_directory(cache_root, source.name, settings)
     corpus = _load(final)
     if corpus is None:
-        try:
-            root.mkdir(parents=True, exist_ok=True)
-            lock = FileLock(f"{final}.lock")
-            try:
-                lock.acquire(timeout=0)
-            except Timeout:
-                log.info("waiting for another process to build the token cache at %s", final)
-                lock.acquire()
-        except OSError as exc:
-            raise DataError(
-                f"cannot write the token cache to {root}: {exc}; set data.cache_dir to a writable directory"
-            ) from exc
+        lock = acquire_build_lock(final)
         try:
             corpus = _load(final)  # another process may have built it while we waited
             if corpus is None:
@@ -190,6 +176,29 @@ def prepare_corpus(
             lock.release()
     log.info("reusing token cache at %s", final)
     return corpus
+
+
+def cache_directory(cache_root: str | Path, name: str, settings: dict) -> Path:
+    """``<cache_root>/<name>-<key>``, the key a hash of every setting the cached contents depend on."""
+    key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
+    return Path(cache_root).absolute() / f"{name}-{key[:12]}"
+
+
+def acquire_build_lock(final: Path, kind: str = "token cache") -> FileLock:
+    """The file lock under which one process builds the ``kind`` at ``final`` (taken; others wait for it)."""
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(f"{final}.lock")
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            log.info("waiting for another process to build the %s at %s", kind, final)
+            lock.acquire()
+    except OSError as exc:
+        raise DataError(
+            f"cannot write the {kind} to {final.parent}: {exc}; set data.cache_dir to a writable directory"
+        ) from exc
+    return lock
 
 
 def _load(path: Path) -> CachedCorpus | None:

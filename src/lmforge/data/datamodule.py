@@ -25,7 +25,45 @@ from lmforge.errors import DataError
 log = logging.getLogger("lmforge.data")
 
 
-class LMDataModule(pl.LightningDataModule):
+class ServedData(pl.LightningDataModule):
+    """The loaders both data modules (corpora and task data) serve the same way.
+
+    A subclass builds ``train_loader(start_micro_batch, rank, world_size, accumulate_grad_batches)``
+    and ``eval_loader(split, rank, world_size)``; the Trainer's hooks and the Fabric loop call them.
+    Each rank shards the data itself: create the Trainer with ``use_distributed_sampler=False``.
+    """
+
+    num_workers: int
+    pin_memory: bool
+
+    def _loader(self, dataset, **kwargs) -> DataLoader:
+        return DataLoader(
+            dataset,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.num_workers > 0,
+            **kwargs,
+        )
+
+    def _rank_and_world(self) -> tuple[int, int]:
+        if self.trainer is None:
+            return 0, 1
+        return self.trainer.global_rank, self.trainer.world_size
+
+    def train_dataloader(self) -> DataLoader:
+        # Batches are a function of the micro-batch index: a resumed run continues the sequence.
+        accumulation = self.trainer.accumulate_grad_batches
+        start = self.trainer.global_step * accumulation
+        return self.train_loader(start, *self._rank_and_world(), accumulate_grad_batches=accumulation)
+
+    def val_dataloader(self) -> DataLoader:
+        return self.eval_loader("val", *self._rank_and_world())
+
+    def test_dataloader(self) -> DataLoader:
+        return self.eval_loader("test", *self._rank_and_world())
+
+
+class LMDataModule(ServedData):
     """Language-model data: a corpus source, tokenized once into a token cache, served as windows.
 
     Training batches are ``(x, y)`` int64 tensors of shape ``(batch_size, block_size)`` with
@@ -34,8 +72,6 @@ class LMDataModule(pl.LightningDataModule):
     ``max_steps`` and an integer ``val_check_interval``. A resumed run continues the batch
     sequence from the restored ``global_step``. Evaluation uses fixed windows (see
     :class:`~lmforge.data.windows.EvalWindows`), sharded over ranks.
-
-    Each rank shards the data itself: create the Trainer with ``use_distributed_sampler=False``.
 
     ``vocab_size`` only applies to the ``"bpe"`` tokenizer; ``"char"`` and ``"bytes"`` have a
     vocabulary fixed by the corpus or by the 256 byte values. ``tokenizer_train_bytes`` bounds the
@@ -164,15 +200,6 @@ class LMDataModule(pl.LightningDataModule):
             self._tokens[split] = tokens
         return self._tokens[split]
 
-    def _loader(self, dataset, **kwargs) -> DataLoader:
-        return DataLoader(
-            dataset,
-            num_workers=self.num_workers,
-            pin_memory=self.pin_memory,
-            persistent_workers=self.num_workers > 0,
-            **kwargs,
-        )
-
     def train_loader(
         self, start_micro_batch: int, rank: int, world_size: int = 1, accumulate_grad_batches: int = 1
     ) -> DataLoader:
@@ -195,18 +222,3 @@ class LMDataModule(pl.LightningDataModule):
                 "use more data.eval_windows, a smaller data.block_size, or a larger data.val_fraction"
             )
         return self._loader(dataset, batch_size=self.eval_batch_size, shuffle=False)
-
-    def _rank_and_world(self) -> tuple[int, int]:
-        if self.trainer is None:
-            return 0, 1
-        return self.trainer.global_rank, self.trainer.world_size
-
-    def train_dataloader(self) -> DataLoader:
-        start = self.trainer.global_step * self.trainer.accumulate_grad_batches
-        return self.train_loader(start, *self._rank_and_world())
-
-    def val_dataloader(self) -> DataLoader:
-        return self.eval_loader("val", *self._rank_and_world())
-
-    def test_dataloader(self) -> DataLoader:
-        return self.eval_loader("test", *self._rank_and_world())

@@ -35,14 +35,13 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-import lightning.pytorch as pl
 import numpy as np
 import torch
-from filelock import FileLock
 from tokenizers import Tokenizer
 from torch.utils.data import DataLoader, Dataset
 
-from lmforge.data.cache import token_dtype
+from lmforge.data.cache import acquire_build_lock, cache_directory, token_dtype
+from lmforge.data.datamodule import ServedData
 from lmforge.data.tasks import (
     DEFAULT_PROMPT_TEMPLATE,
     ChatTemplate,
@@ -130,15 +129,8 @@ def prepare_task_data(
         "seed": seed,
         "cache_version": SFT_CACHE_VERSION,
     }
-    key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
-    root = Path(cache_root).absolute()
-    final = root / f"sft-{key[:12]}"
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-        lock = FileLock(f"{final}.lock")
-        lock.acquire()
-    except OSError as exc:
-        raise DataError(f"cannot write the task cache to {root}: {exc}; set data.cache_dir to a writable one") from exc
+    final = cache_directory(cache_root, "sft", settings)
+    lock = acquire_build_lock(final, "task cache")
     try:
         if not (final / "meta.json").is_file():
             _build(files, settings, final, tokenizer_json)
@@ -375,7 +367,7 @@ class TaskEvalBatches(Dataset):
         return self.examples.batch(self.batches[i])
 
 
-class SFTDataModule(pl.LightningDataModule):
+class SFTDataModule(ServedData):
     """Task data for fine-tuning (``data=sft``): prompt/answer examples with the loss on the answers.
 
     The same interface as :class:`~lmforge.data.datamodule.LMDataModule`, so both loops, resume
@@ -486,19 +478,14 @@ class SFTDataModule(pl.LightningDataModule):
     def cache_path(self) -> Path:
         return self.cache.path
 
-    def task_format(self) -> TaskFormat:
-        """How this data renders prompts (for generation with the same templates)."""
-        return task_format(self.format_settings, self.tokenizer)
-
     def examples(self, split: str) -> TaskExamples:
         """The examples of ``split`` cut to the context (the test split is val's when ``test_size`` is 0)."""
         if split == "test" and self.test_size == 0:
             split = "val"
         if split not in self._examples:
             examples = TaskExamples(self.cache, split, self.block_size, self.mask_prompt)
-            log.info(examples.describe(split))
-            if examples.truncated or examples.dropped:
-                log.warning(examples.describe(split))
+            level = logging.WARNING if examples.truncated or examples.dropped else logging.INFO
+            log.log(level, examples.describe(split))
             if len(examples) == 0:
                 raise DataError(f"the {split} split has no usable example; use a larger data.block_size")
             self._examples[split] = examples
@@ -509,16 +496,6 @@ class SFTDataModule(pl.LightningDataModule):
         for split in needed.get(stage, []):
             self.examples(split)
 
-    def _loader(self, dataset, **kwargs) -> DataLoader:
-        return DataLoader(
-            dataset,
-            batch_size=None,
-            num_workers=self.num_workers,
-            pin_memory=self.pin_memory,
-            persistent_workers=self.num_workers > 0,
-            **kwargs,
-        )
-
     def train_loader(
         self, start_micro_batch: int, rank: int, world_size: int = 1, accumulate_grad_batches: int = 1
     ) -> DataLoader:
@@ -526,7 +503,7 @@ class SFTDataModule(pl.LightningDataModule):
         dataset = TaskTrainBatches(
             self.examples("train"), self.batch_size, self.seed, rank, world_size, accumulate_grad_batches
         )
-        return self._loader(dataset, sampler=MicroBatchSampler(start_micro_batch))
+        return self._loader(dataset, batch_size=None, sampler=MicroBatchSampler(start_micro_batch))
 
     def eval_loader(self, split: str, rank: int = 0, world_size: int = 1) -> DataLoader:
         """A loader of the fixed evaluation batches of ``split`` for ``rank``."""
@@ -537,20 +514,4 @@ class SFTDataModule(pl.LightningDataModule):
             raise DataError(
                 f"the {split} split has fewer examples than the {world_size} processes; use a larger data.val_size"
             )
-        return self._loader(dataset, shuffle=False)
-
-    def _rank_and_world(self) -> tuple[int, int]:
-        if self.trainer is None:
-            return 0, 1
-        return self.trainer.global_rank, self.trainer.world_size
-
-    def train_dataloader(self) -> DataLoader:
-        accumulation = self.trainer.accumulate_grad_batches
-        start = self.trainer.global_step * accumulation
-        return self.train_loader(start, *self._rank_and_world(), accumulate_grad_batches=accumulation)
-
-    def val_dataloader(self) -> DataLoader:
-        return self.eval_loader("val", *self._rank_and_world())
-
-    def test_dataloader(self) -> DataLoader:
-        return self.eval_loader("test", *self._rank_and_world())
+        return self._loader(dataset, batch_size=None, shuffle=False)

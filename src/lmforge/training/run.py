@@ -26,8 +26,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 from tokenizers import Tokenizer
 
-from lmforge.data.datamodule import LMDataModule
-from lmforge.data.sft import SFTDataModule
+from lmforge.data.datamodule import ServedData
 from lmforge.data.tasks import pretrained_chat_template
 from lmforge.errors import CheckpointError, ConfigError
 from lmforge.training.batching import apply_batch_plan
@@ -74,7 +73,7 @@ class Run:
 
     cfg: DictConfig
     loop: str
-    datamodule: LMDataModule | SFTDataModule
+    datamodule: ServedData  # a corpus (LMDataModule) or task data (SFTDataModule)
     net_config: dict
     metadata: dict  # checkpoint["lmforge"] of every checkpoint this run writes
     resume: Resume | None = None
