@@ -11,6 +11,7 @@ import threading
 from pathlib import Path
 from types import SimpleNamespace
 
+import fsspec
 import lightning.pytorch as pl
 import numpy as np
 import pytest
@@ -670,3 +671,23 @@ def test_text_file_document_ids_do_not_depend_on_the_working_directory(tmp_path,
         seen.append([doc_id for doc_id, _ in TextFilesSource(str(corpus)).documents()])
         seen.append([doc_id for doc_id, _ in TextFilesSource(str(corpus / "**" / "*.txt")).documents()])
     assert all(ids == ["a.txt", "sub/b.txt"] for ids in seen), seen
+
+
+def test_text_files_behind_fsspec_urls(tmp_path):
+    """data.path may be an fsspec URL: a folder, a glob or a file in any store fsspec reaches."""
+    memory = fsspec.filesystem("memory")
+    for name, text in {"a.txt": "alpha text\n", "sub/b.txt": "beta text\n", ".hidden.txt": "no", "c.bin": "x"}.items():
+        memory.pipe(f"/corpus-{tmp_path.name}/{name}", text.encode())
+    url = f"memory://corpus-{tmp_path.name}"
+    source = TextFilesSource(url + "/", extensions=[".txt"])
+    assert dict(source.documents()) == {"a.txt": "alpha text\n", "sub/b.txt": "beta text\n"}
+    assert dict(TextFilesSource(url + "/*.txt").documents()) == {"a.txt": "alpha text\n"}
+    fingerprint = source.fingerprint()
+    memory.pipe(f"/corpus-{tmp_path.name}/a.txt", b"alpha text, longer\n")
+    assert source.fingerprint() != fingerprint
+    with pytest.raises(DataError, match="does not exist"):
+        TextFilesSource(url + "/missing.txt").files()
+    local = tmp_path / "local"
+    local.mkdir()
+    (local / "d.txt").write_text("delta\n")
+    assert dict(TextFilesSource(f"file://{local}").documents()) == {"d.txt": "delta\n"}

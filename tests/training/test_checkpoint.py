@@ -24,6 +24,7 @@ from helpers import (
 
 from lmforge.cli.generate import generate
 from lmforge.cli.train import train
+from lmforge.errors import CheckpointError
 from lmforge.training.checkpoint import read_checkpoint, resolve_checkpoint
 
 
@@ -104,3 +105,17 @@ def test_checkpoints_hold_only_tensors_and_plain_containers(prepared):
     assert_plain(checkpoint["hyper_parameters"], "hyper_parameters")
     assert_plain(checkpoint["lmforge"], "lmforge")
     assert isinstance(checkpoint["lmforge"]["tokenizer"], str)  # tokenizer.json text
+
+
+def test_a_checkpoint_behind_a_url_is_fetched_once_and_used(prepared, tmp_path, monkeypatch):
+    """ckpt_path (and init_from) may be an fsspec URL: the file is downloaded once into the user's cache."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    url = f"file://{prepared.checkpoint}"
+    local = resolve_checkpoint(url, tmp_path)
+    assert local.startswith(str(tmp_path / "cache" / "lmforge" / "checkpoints"))
+    assert read_checkpoint(local)["global_step"] == read_checkpoint(prepared.checkpoint)["global_step"]
+    assert resolve_checkpoint(url, tmp_path) == local  # cached
+    texts = generate(compose_config("generate", [f"ckpt_path={url}", "max_new_tokens=4"], tmp_path))
+    assert len(texts) == 1
+    with pytest.raises(CheckpointError, match="does not exist; check the URL"):
+        resolve_checkpoint(f"file://{tmp_path}/missing.ckpt", tmp_path)

@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import os
+import posixpath
 import re
 import sysconfig
 import tempfile
@@ -20,8 +21,11 @@ import urllib.parse
 import urllib.request
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator, Sequence
-from pathlib import Path
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from types import SimpleNamespace
 
+import fsspec
 from filelock import FileLock
 
 from lmforge.errors import DataError
@@ -48,7 +52,7 @@ class CorpusSource(ABC):
         """A one-line description for logs."""
 
 
-def _fingerprint(params: dict, files: Iterable[tuple[str, Path]]) -> str:
+def _fingerprint(params: dict, files: Iterable[tuple[str, Path | RemoteFile]]) -> str:
     digest = hashlib.sha256(json.dumps(params, sort_keys=True).encode())
     for label, path in files:
         stat = path.stat()
@@ -56,7 +60,29 @@ def _fingerprint(params: dict, files: Iterable[tuple[str, Path]]) -> str:
     return digest.hexdigest()
 
 
-def _read_text(path: Path) -> str | None:
+def is_url(path: str) -> bool:
+    """Whether ``path`` is an fsspec URL (``s3://bucket/x``, ``gs://``, ``hf://``, ``memory://``, ``file://``)."""
+    return "://" in path
+
+
+@dataclass(frozen=True)
+class RemoteFile:
+    """A file behind an fsspec URL, with what a corpus reads of a local :class:`Path`: its bytes and a
+    stat whose size and modification marker (a time or an ETag, as the store reports it) key the cache."""
+
+    fs: fsspec.AbstractFileSystem
+    path: str
+
+    def read_bytes(self) -> bytes:
+        return self.fs.cat_file(self.path)
+
+    def stat(self) -> SimpleNamespace:
+        info = self.fs.info(self.path)
+        marker = next((info[k] for k in ("mtime", "LastModified", "updated", "ETag", "created") if k in info), "")
+        return SimpleNamespace(st_size=info.get("size", 0), st_mtime_ns=str(marker))
+
+
+def _read_text(path: Path | RemoteFile) -> str | None:
     """The file's text, or None when it is binary (has NUL bytes) or not valid UTF-8."""
     data = path.read_bytes()
     if b"\0" in data:
@@ -157,7 +183,9 @@ class StdlibSource(_FileListSource):
 
 
 class TextFilesSource(_FileListSource):
-    """Your own UTF-8 text: files, directories (recursive) and glob patterns (``**`` allowed).
+    """Your own UTF-8 text: files, directories (recursive) and glob patterns (``**`` allowed), local or
+    behind fsspec URLs (``s3://``, ``gs://``, ``hf://``, ``file://``...; the store's fsspec package,
+    e.g. ``s3fs``, installed).
 
     Relative paths are resolved against the working directory at construction. Directory walks
     and globs skip hidden files and keep only ``extensions`` (e.g. ``[".txt", ".md"]``) when given;
@@ -172,12 +200,35 @@ class TextFilesSource(_FileListSource):
         paths = [path] if isinstance(path, (str, os.PathLike)) else list(path)
         if not paths:
             raise DataError("data.path is empty; set it to a text file, a directory or a glob pattern")
-        self.paths = [os.path.expanduser(str(p)) for p in paths]
+        self.paths = [str(p) if is_url(str(p)) else os.path.expanduser(str(p)) for p in paths]
         self.extensions = None if extensions is None else {"." + e.lower().lstrip(".") for e in extensions}
         self.base = Path.cwd()
 
     def _wanted(self, path: Path) -> bool:
         return self.extensions is None or path.suffix.lower() in self.extensions
+
+    def _remote_files(self, entry: str) -> list[tuple[str, RemoteFile]]:
+        """The files of an fsspec URL (a file, a folder or a glob), named relative to its folder or fixed prefix."""
+        wanted = "" if self.extensions is None else f" {'/'.join(sorted(self.extensions))}"
+        fs, path = fsspec.core.url_to_fs(entry)
+        if any(ch in path for ch in "*?["):
+            root = path[: min(path.find(ch) for ch in "*?[" if ch in path)].rsplit("/", 1)[0]
+            matches = [m for m in sorted(fs.glob(path)) if fs.isfile(m)]
+        elif fs.isdir(path):
+            root = path.rstrip("/")
+            matches = sorted(fs.find(path))
+        elif fs.isfile(path):
+            root, matches = posixpath.dirname(path), [path]
+        else:
+            raise DataError(f"the data path {entry} does not exist; fix data.path")
+        files = [
+            (posixpath.relpath(m, root), RemoteFile(fs, m))
+            for m in matches
+            if self._wanted(PurePosixPath(m)) and not _hidden(PurePosixPath(posixpath.relpath(m, root)))
+        ]
+        if not files:
+            raise DataError(f"{entry} holds no{wanted} files; fix data.path")
+        return files
 
     def _expand(self, entry: str) -> list[Path]:
         full = self.base / entry
@@ -213,10 +264,16 @@ class TextFilesSource(_FileListSource):
             return Path(*fixed)
         return full if full.is_dir() else full.parent
 
-    def files(self) -> list[tuple[str, Path]]:
-        unique = {path.absolute(): None for entry in self.paths for path in self._expand(entry)}
-        root = os.path.commonpath([self._root(entry).absolute() for entry in self.paths])
-        files = [(os.path.relpath(path, root), path) for path in unique]
+    def files(self) -> list[tuple[str, Path | RemoteFile]]:
+        local = [entry for entry in self.paths if not is_url(entry)]
+        files: list[tuple[str, Path | RemoteFile]] = []
+        if local:
+            unique = {path.absolute(): None for entry in local for path in self._expand(entry)}
+            root = os.path.commonpath([self._root(entry).absolute() for entry in local])
+            files += [(os.path.relpath(path, root), path) for path in unique]
+        for entry in self.paths:
+            if is_url(entry):
+                files += self._remote_files(entry)
         if all(path.stat().st_size == 0 for _, path in files):
             raise DataError(f"all {len(files)} file(s) of data.path {self.paths} are empty (0 bytes); add text to them")
         return files

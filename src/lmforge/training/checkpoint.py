@@ -13,20 +13,26 @@ so a checkpoint cannot run code unless the user says ``allow_unsafe_checkpoint=t
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import os
 import pickle
 import re
+import shutil
+import tempfile
 import zipfile
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
+import fsspec
 import torch
 from tokenizers import Tokenizer
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.format_utils import _EmptyStateDictLoadPlanner
 from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
+from lmforge.data.sources import is_url
 from lmforge.errors import CheckpointError
 from lmforge.models.base import LanguageModel
 from lmforge.training.network import LORA_KEY, build_network, merged_network
@@ -298,8 +304,33 @@ def newest_matching_checkpoint(
     )
 
 
+def fetch_checkpoint(url: str) -> Path:
+    """A local copy of the checkpoint file or sharded directory at an fsspec URL (``s3://``, ``gs://``,
+    ``file://``...), downloaded once into ``$XDG_CACHE_HOME/lmforge/checkpoints`` (default
+    ``~/.cache``) and keyed by the URL, size and modification marker: checkpoints are read with
+    memory maps and by Lightning's and Fabric's loaders, which need local files."""
+    fs, remote = fsspec.core.url_to_fs(url)
+    if not fs.exists(remote):
+        raise CheckpointError(f"checkpoint {url} does not exist; check the URL (and the store's credentials)")
+    info = fs.info(remote)
+    marker = next((info[k] for k in ("mtime", "LastModified", "updated", "ETag", "created") if k in info), "")
+    key = hashlib.sha256(f"{url}\0{info.get('size')}\0{marker}".encode()).hexdigest()[:16]
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "lmforge" / "checkpoints" / key
+    local = cache / PurePosixPath(remote.rstrip("/")).name
+    if not local.exists():
+        cache.mkdir(parents=True, exist_ok=True)
+        partial = Path(tempfile.mkdtemp(prefix=".download-", dir=cache)) / local.name
+        try:
+            fs.get(remote.rstrip("/"), str(partial), recursive=fs.isdir(remote))
+            os.replace(partial, local)  # whole or not at all: a broken download is fetched again
+        finally:
+            shutil.rmtree(partial.parent, ignore_errors=True)
+    return local
+
+
 def resolve_checkpoint(ckpt_path: str | None, search_dir: str | Path) -> str | None:
-    """Turn the user's ``ckpt_path`` (a file, a sharded directory, or a run directory) into a checkpoint path.
+    """Turn the user's ``ckpt_path`` (a file, a sharded directory, a run directory, or an fsspec URL of a
+    checkpoint: :func:`fetch_checkpoint`) into a local checkpoint path.
 
     A run directory means its newest checkpoint; ``None`` or ``""`` stays ``None``. ``last`` is
     resolved by the caller with :func:`newest_matching_checkpoint` (it needs the run's settings).
@@ -308,7 +339,7 @@ def resolve_checkpoint(ckpt_path: str | None, search_dir: str | Path) -> str | N
         return None
     if str(ckpt_path) == "last":
         return str(newest_checkpoint(search_dir))
-    path = Path(ckpt_path).expanduser()
+    path = fetch_checkpoint(str(ckpt_path)) if is_url(str(ckpt_path)) else Path(ckpt_path).expanduser()
     if path.is_dir() and not is_sharded_checkpoint(path) and not (path / _META_FILE).exists():
         return str(newest_checkpoint(path))  # a run directory
     if not path.exists():
