@@ -197,3 +197,15 @@ def test_the_cache_is_reused_and_keyed_by_contents(tmp_path):
     assert data_module(tmp_path, str(path)).cache_path == first
     path.write_text(path.read_text() + json.dumps({"prompt": "new", "completion": "row"}) + "\n")
     assert data_module(tmp_path, str(path)).cache_path != first
+
+
+def test_a_json_array_file_and_a_byte_order_mark_are_read(tmp_path):
+    rows = [{"prompt": f"Q{i} ", "completion": f"A{i}"} for i in range(4)]
+    array = tmp_path / "rows.json"
+    array.write_text(json.dumps(rows, indent=2))
+    module = data_module(tmp_path, str(array), val_size=1)
+    assert len(module.examples("train")) + len(module.examples("val")) == 4
+    bom = tmp_path / "bom.jsonl"
+    bom.write_text("\ufeff" + "\n".join(json.dumps(row) for row in rows) + "\n", encoding="utf-8")
+    module = data_module(tmp_path, str(bom), val_size=1)
+    assert len(module.examples("train")) + len(module.examples("val")) == 4

@@ -1,6 +1,7 @@
 """Task examples for fine-tuning and generation: prompts with answers, read from the files people have.
 
-Three formats, told apart by the file (``.jsonl``/``.json``: JSON lines; anything else: tab-separated):
+Three formats, told apart by the file (``.jsonl``/``.json``: JSON lines, or for ``.json`` one array of
+rows; anything else: tab-separated):
 
 * prompt/completion JSONL: ``{"prompt": "...", "completion": "..."}`` per line;
 * chat JSONL: ``{"messages": [{"role": "user", "content": "..."}, {"role": "assistant", ...}]}``,
@@ -240,29 +241,51 @@ def reference(row: dict) -> str | None:
 
 
 def _jsonl_rows(file: Path, report: ReadReport) -> Iterator[tuple[str, dict]]:
-    with open(file, encoding="utf-8", errors="strict") as handle:
+    """The rows of a JSON-lines file, or of a ``.json`` file that holds one array of rows."""
+    with open(file, encoding="utf-8-sig", errors="strict") as handle:  # -sig: a byte-order mark is no row
         try:
+            first = handle.read(4096).lstrip()
+            handle.seek(0)
+            if file.suffix == ".json" and first.startswith("["):
+                yield from _json_array_rows(file, handle.read(), report)
+                return
             for number, line in enumerate(handle, 1):
-                if not line.strip():
-                    continue
-                where = f"{file}:{number}"
-                try:
-                    row = json.loads(line)
-                except ValueError:
-                    report.rows += 1
-                    report.skip("invalid JSON", where)
-                    continue
-                if not isinstance(row, dict):
-                    report.rows += 1
-                    report.skip("not a JSON object", where)
-                    continue
-                yield where, row
+                if line.strip():
+                    yield from _checked_row(line, f"{file}:{number}", report)
         except UnicodeDecodeError as exc:
             raise DataError(f"{file} is not UTF-8 text ({exc.reason}); convert it to UTF-8") from exc
 
 
+def _json_array_rows(file: Path, text: str, report: ReadReport) -> Iterator[tuple[str, dict]]:
+    try:
+        rows = json.loads(text)
+    except ValueError as exc:
+        raise DataError(f"{file} is not valid JSON ({exc}); fix it, or write one JSON object per line") from exc
+    for number, row in enumerate(rows, 1):
+        if isinstance(row, dict):
+            yield f"{file}[{number}]", row
+        else:
+            report.rows += 1
+            report.skip("not a JSON object", f"{file}[{number}]")
+
+
+def _checked_row(line: str, where: str, report: ReadReport) -> Iterator[tuple[str, dict]]:
+    """The row of one JSON line, or nothing (the reason counted in ``report``)."""
+    try:
+        row = json.loads(line)
+    except ValueError:
+        report.rows += 1
+        report.skip("invalid JSON", where)
+        return
+    if not isinstance(row, dict):
+        report.rows += 1
+        report.skip("not a JSON object", where)
+        return
+    yield where, row
+
+
 def _tsv_rows(file: Path, task_format: TaskFormat, report: ReadReport) -> Iterator[tuple[str, dict]]:
-    with open(file, encoding="utf-8", errors="strict") as handle:
+    with open(file, encoding="utf-8-sig", errors="strict") as handle:
         try:
             for number, line in enumerate(handle, 1):
                 line = line.rstrip("\r\n")
