@@ -8,6 +8,7 @@ import lightning as L
 import pytest
 import torch
 from helpers import OPTION_NEEDS, compose_config, write_task_data
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
@@ -119,11 +120,15 @@ def test_run_dirs_say_which_overrides_they_ran_with(tmp_path):
         cfg.hydra.job.override_dirname = "data.path=/somewhere/x.txt,data=text_files,optimizer.lr=0.002"
         run_dir = Path(OmegaConf.to_container(cfg.hydra.run, resolve=True)["dir"])
     assert run_dir.parent == tmp_path / "train" / "runs"
-    assert run_dir.name.endswith("_data.path=x.txt,data=text_files,optimizer.lr=0.002")
+    assert run_dir.name.endswith("_data.path-x.txt__data-text_files__optimizer.lr-0.002")
 
 
 def test_run_label_keeps_whole_overrides_and_counts_the_rest():
     assert run_label("") == ""
-    assert run_label("trainer=ddp,data.path=/data/corpus/") == "_trainer=ddp,data.path=corpus"
+    assert run_label("trainer=ddp,data.path=/data/corpus/") == "_trainer-ddp__data.path-corpus"
     label = run_label(",".join(f"model.option_{i}=value{i}" for i in range(20)))
-    assert len(label) <= LABEL_CHARS + 1 and label.endswith(",model.option_4=value4,+15")
+    assert len(label) <= LABEL_CHARS + 1 and label.endswith("__model.option_4-value4__+15")
+    # a run folder goes back on the command line as ckpt_path=<folder>: Hydra reads it as one string
+    folder = f"/logs/train/runs/2026-12-02_14-35-01-123456{run_label('data=sft,data.path=/a/b.jsonl,lora.r=8')}{label}"
+    (parsed,) = OverridesParser.create().parse_overrides([f"ckpt_path={folder}"])
+    assert parsed.value() == folder

@@ -113,21 +113,22 @@ def _received(parent: str) -> str | None:
 
 def run_label(overrides: str) -> str:
     """A folder-name suffix that says what a run is: its command-line overrides (Hydra's
-    ``override_dirname``, ``key=value`` joined by commas), a path value shortened to its last part,
-    characters a file name should not hold dropped; whole overrides up to :data:`LABEL_CHARS`
-    characters, then ``+N`` for the N left out (``.hydra/overrides.yaml`` has them all)."""
+    ``override_dirname``) as ``key-value`` parts joined by ``__``, a path value shortened to its last
+    part; whole parts up to :data:`LABEL_CHARS` characters, then ``+N`` for the N left out
+    (``.hydra/overrides.yaml`` has them all). Only letters, digits and ``._+-`` remain, none of which
+    Hydra reads specially, so the folder can be passed back as ``ckpt_path=<folder>``."""
     parts = []
     for override in filter(None, overrides.split(",")):
         key, _, value = override.partition("=")
-        short = f"{key}={value.rstrip('/').rsplit('/', 1)[-1]}" if "/" in value else override
-        parts.append(re.sub(r"[^A-Za-z0-9._=+@-]", "", short))
+        value = value.rstrip("/").rsplit("/", 1)[-1]
+        parts.append(re.sub(r"[^A-Za-z0-9._+-]", "", f"{key}-{value}"))
     kept: list[str] = []
     for part in parts:
-        if len(",".join([*kept, part])) > LABEL_CHARS:
+        if len("__".join([*kept, part])) > LABEL_CHARS:
             kept.append(f"+{len(parts) - len(kept)}")
             break
         kept.append(part)
-    return "_" + ",".join(kept) if kept else ""
+    return "_" + "__".join(kept) if kept else ""
 
 
 def shared_run_dir(parent: str, overrides: str = "") -> str:
