@@ -216,9 +216,19 @@ def fabric_run(*args: str) -> subprocess.CompletedProcess:
 
 
 # [gpt]
-@pytest.mark.slow
 @pytest.mark.parametrize("experiment", list(FINE_TUNING_EXPERIMENTS))
-def test_fine_tuning_experiments_run_on_two_ddp_processes(experiment, tmp_path):
+def test_fine_tuning_experiments_run_in_the_fabric_loop(experiment, tmp_path):
+    """The experiments on task data run here as in the Trainer (which runs them on two DDP processes:
+    tests/training/test_sft_runs.py); task scores are part of the run's metrics."""
+    overrides = [f"experiment={experiment}", *FINE_TUNING_EXPERIMENTS[experiment](tmp_path), *SHORT_FINE_TUNING]
+    metrics = fit(compose_config("fabric", [*overrides, "trainer.accelerator=cpu"], tmp_path))
+    assert {"val/chrf", "test/chrf", "test/exact_match"} <= set(metrics)
+
+
+@pytest.mark.slow
+def test_task_data_on_two_ddp_processes(tmp_path):
+    """Under `fabric run`, both ranks answer their share of the validation sample and score it together."""
+    experiment = "translate_en_fr"
     overrides = [f"experiment={experiment}", *FINE_TUNING_EXPERIMENTS[experiment](tmp_path), *SHORT_FINE_TUNING]
     paths = [f"paths.log_dir={tmp_path}/logs", f"paths.data_dir={tmp_path}/data"]
     result = fabric_run("--accelerator=cpu", "--devices=2", "--strategy=ddp", *overrides, *paths)
