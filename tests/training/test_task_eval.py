@@ -14,10 +14,11 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from lmforge.cli.eval import evaluate
 from lmforge.cli.generate import generate
 from lmforge.cli.train import train
+from lmforge.data import SFTDataModule
 from lmforge.data.tokenizer import train_tokenizer
 from lmforge.errors import ConfigError, DataError
 from lmforge.models.base import LanguageModel
-from lmforge.training.task_eval import TaskScores, answer_prompts, exact_match
+from lmforge.training.task_eval import TaskScores, answer_prompts, exact_match, task_sample
 
 
 class Counter(LanguageModel):
@@ -47,6 +48,17 @@ def test_generation_stops_once_every_prompt_has_ended():
     answers = answer_prompts(net, tokenizer, [[250], [1, 2, 253], [10]], max_new_tokens=4)
     decode = tokenizer.decode
     assert answers == [decode([251, 252, 253, 254]), decode([254, 255]), decode([11, 12, 13, 14])]
+
+
+def test_the_summary_sample_of_task_data_answers_a_validation_prompt(tmp_path):
+    rows = [{"prompt": "count: ab", "completion": "cd"}] * 4
+    (tmp_path / "count.jsonl").write_text("\n".join(json.dumps(row) for row in rows) + "\n")
+    module = SFTDataModule(
+        str(tmp_path / "count.jsonl"), tokenizer="bytes", batch_size=2, val_size=1, max_answer_tokens=3
+    )
+    module.cache_dir = tmp_path / "cache"
+    assert task_sample(Counter(257), module) == "count: abcde"  # the Counter continues b with c, d, e
+    assert task_sample(Counter(257), object()) is None
 
 
 def test_scores_equal_sacrebleu_on_known_strings():

@@ -12,7 +12,8 @@
 3. The loop builds the network (:func:`load_initial_weights`) and trains: the Lightning Trainer
    (:mod:`lmforge.cli.train`) or the Fabric loop (:mod:`lmforge.fabric.loop`), logging on the
    steps :func:`is_logging_step` names.
-4. :func:`finish_run`: a text sample and the summary table on rank 0.
+4. :func:`finish_run`: a text sample (on task data, a validation prompt answered) and the summary
+   table on rank 0.
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ from lmforge.training.network import LORA_KEY
 from lmforge.training.parallel import is_sharded, shut_down_process_group
 from lmforge.training.report import print_run_summary
 from lmforge.training.run_dir import is_rank_zero_process
+from lmforge.training.task_eval import task_sample
 from lmforge.training.validation import check_run_config
 
 COMMANDS = {"train": "lmforge train", "fabric": "lmforge fabric"}
@@ -209,7 +211,9 @@ def finish_run(
     """Step 4: rank 0 prints the summary with a text sample (a sharded network samples on every rank),
     then the processes of a distributed run end together (:func:`shut_down_process_group`)."""
     if is_global_zero or is_sharded(net):
-        sample = generate_sample(net, run.tokenizer, run.cfg.sample, device)
+        sample = task_sample(net, run.datamodule, device)
+        if sample is None:
+            sample = generate_sample(net, run.tokenizer, run.cfg.sample, device)
     if is_global_zero:
         print_run_summary(
             result.metrics,

@@ -195,3 +195,14 @@ def log_answers(loggers: list[Any], tag: str, answered: list[Answered], step: in
         writer = getattr(logger, "experiment", None)
         if hasattr(writer, "add_text"):
             writer.add_text(tag, "\n".join(rows), global_step=step)
+
+
+def task_sample(net: torch.nn.Module, datamodule: Any, device: torch.device | str = "cpu") -> str | None:
+    """For task data, the run summary's sample: the first validation prompt with the model's greedy
+    answer; None for a corpus (which continues ``sample.prompt`` instead)."""
+    if not isinstance(datamodule, SFTDataModule):
+        return None
+    prompt, _ = split_answer(datamodule.examples("val"), 0)
+    tokenizer = datamodule.tokenizer
+    (answer,) = answer_prompts(net, tokenizer, [prompt], datamodule.max_answer_tokens, device=device)
+    return tokenizer.decode(prompt, skip_special_tokens=False) + answer
