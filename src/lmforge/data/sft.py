@@ -54,13 +54,12 @@ from lmforge.data.tasks import (
     task_files,
 )
 from lmforge.data.tokenizer import EOT_TOKEN, TOKENIZER_KINDS, eot_id, load_tokenizer, save_tokenizer, train_tokenizer
-from lmforge.data.windows import MicroBatchSampler
+from lmforge.data.windows import EVAL_STREAM, MicroBatchSampler
 from lmforge.errors import DataError
 
 SFT_CACHE_VERSION = 1
 SPLITS = ("train", "val", "test")
 BUCKET_BATCHES = 64  # examples are sorted by length within pools of this many micro-batches
-EVAL_STREAM = 0x5EED_E7A1
 
 log = logging.getLogger("lmforge.data")
 
