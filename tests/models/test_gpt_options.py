@@ -28,12 +28,13 @@ def test_grouped_query_attention_equals_attention_with_repeated_key_value_heads(
     state = gqa.state_dict()
     head_dim, groups = 8, 2  # 4 query heads share 2 key/value heads: query head h reads kv head h // 2
     for i in range(2):
-        q, k, v = state[f"blocks.{i}.attn.c_attn.weight"].split((32, 16, 16))
-        k, v = (w.view(2, head_dim, 32).repeat_interleave(groups, dim=0).reshape(32, 32) for w in (k, v))
-        state[f"blocks.{i}.attn.c_attn.weight"] = torch.cat((q, k, v))
+        for part in "kv":
+            name = f"blocks.{i}.attn.c_{part}.weight"
+            state[name] = state[name].view(2, head_dim, 32).repeat_interleave(groups, dim=0).reshape(32, 32)
     mha.load_state_dict(state)
     torch.testing.assert_close(gqa(tokens()), mha(tokens()))
-    assert gqa.blocks[0].attn.c_attn.weight.shape == (64, 32)  # q 32 + k 16 + v 16 rows
+    attn = gqa.blocks[0].attn
+    assert attn.c_q.weight.shape == (32, 32) and attn.c_k.weight.shape == attn.c_v.weight.shape == (16, 32)
 
 
 @pytest.mark.parametrize("n_kv_head", [1, 2])
@@ -52,10 +53,13 @@ def test_grouped_query_attention_caches_fewer_heads_and_generates_as_without_cac
     assert torch.equal(cached, model.generate(prompt, max_new_tokens=10, temperature=0, use_cache=False))
 
 
-@pytest.mark.parametrize(("mlp", "rows"), [("gelu", 40), ("swiglu", 80)])  # SwiGLU: gate and up rows
-def test_mlp_hidden_sets_the_intermediate_size(mlp, rows):
+@pytest.mark.parametrize("mlp", ["gelu", "swiglu"])
+def test_mlp_hidden_sets_the_intermediate_size(mlp):
     model = tiny(mlp=mlp, mlp_hidden=40)
-    assert model.blocks[0].mlp.c_fc.weight.shape == (rows, 32)
+    assert model.blocks[0].mlp.c_fc.weight.shape == (40, 32)
+    assert (model.blocks[0].mlp.c_gate is None) == (mlp != "swiglu")
+    if mlp == "swiglu":
+        assert model.blocks[0].mlp.c_gate.weight.shape == (40, 32)
     assert model.blocks[0].mlp.c_proj.weight.shape == (32, 40)
     assert tiny(mlp="swiglu").blocks[0].mlp.c_proj.weight.shape == (32, 88)  # default 8/3 * 32 -> 88
 
@@ -81,9 +85,9 @@ def test_gelu_tanh_is_the_tanh_approximation():
 
 def test_qkv_bias_puts_biases_on_the_query_key_value_projection_only():
     attn = tiny(qkv_bias=True).blocks[0].attn
-    assert attn.c_attn.bias is not None and attn.c_proj.bias is None
-    assert tiny(bias=True, qkv_bias=False).blocks[0].attn.c_attn.bias is None
-    assert tiny(bias=True).blocks[0].attn.c_attn.bias is not None  # default: follows bias
+    assert all(p.bias is not None for p in (attn.c_q, attn.c_k, attn.c_v)) and attn.c_proj.bias is None
+    assert tiny(bias=True, qkv_bias=False).blocks[0].attn.c_k.bias is None
+    assert tiny(bias=True).blocks[0].attn.c_v.bias is not None  # default: follows bias
 
 
 @pytest.mark.parametrize(

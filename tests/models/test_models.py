@@ -338,7 +338,7 @@ def test_no_weight_decay_param_names():
 def test_gpt_initialisation():
     model = tiny_gpt(n_layer=8, n_embd=64, n_head=4, bias=True)
     assert model.blocks[0].attn.c_proj.weight.std().item() == pytest.approx(0.02 / math.sqrt(16), rel=0.1)
-    assert model.blocks[0].attn.c_attn.weight.std().item() == pytest.approx(0.02, rel=0.1)
+    assert model.blocks[0].attn.c_q.weight.std().item() == pytest.approx(0.02, rel=0.1)
     assert torch.count_nonzero(model.blocks[0].mlp.c_fc.bias) == 0
     zero = tiny_gpt(zero_init_proj=True)
     for block in zero.blocks:

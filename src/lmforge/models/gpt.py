@@ -74,8 +74,11 @@ class CausalSelfAttention(nn.Module):
         self.n_kv_head = n_kv_head
         self.head_dim = n_embd // n_head
         self.dropout = dropout
-        # queries (n_head heads), keys and values (n_kv_head heads each) in one matrix
-        self.c_attn = nn.Linear(n_embd, (n_head + 2 * n_kv_head) * self.head_dim, bias=qkv_bias)
+        # Separate query (n_head heads), key and value (n_kv_head heads each) projections rather than one
+        # fused matrix: tensor parallelism splits each by heads (see gpt_parallelize.py).
+        self.c_q = nn.Linear(n_embd, n_head * self.head_dim, bias=qkv_bias)
+        self.c_k = nn.Linear(n_embd, n_kv_head * self.head_dim, bias=qkv_bias)
+        self.c_v = nn.Linear(n_embd, n_kv_head * self.head_dim, bias=qkv_bias)
         self.c_proj = nn.Linear(n_embd, n_embd, bias=bias)
         self.resid_dropout = nn.Dropout(dropout)
         self.q_norm = nn.RMSNorm(self.head_dim, eps=1e-6) if qk_norm else None
@@ -94,19 +97,18 @@ class CausalSelfAttention(nn.Module):
         keys and values are written into the cache at ``pos`` and the queries
         attend to everything cached so far.
         """
-        B, T, C = x.shape
-        kv_dim = self.n_kv_head * self.head_dim
-        q, k, v = self.c_attn(x).split((C, kv_dim, kv_dim), dim=2)
-        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, n_head, T, head_dim)
-        k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, n_kv_head, T, head_dim)
-        v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        B, T, _ = x.shape
+        # Head counts come from the projections' outputs: under tensor parallelism a process holds some heads.
+        q = self.c_q(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, n_head, T, head_dim)
+        k = self.c_k(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, n_kv_head, T, head_dim)
+        v = self.c_v(x).view(B, T, -1, self.head_dim).transpose(1, 2)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
 
         dropout_p = self.dropout if self.training else 0.0
-        gqa = self.n_kv_head != self.n_head
+        gqa = q.size(1) != k.size(1)
         if kv_cache is None:
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True, enable_gqa=gqa)
         else:
@@ -122,7 +124,7 @@ class CausalSelfAttention(nn.Module):
                 mask = torch.ones(T, pos + T, dtype=torch.bool, device=x.device).tril(diagonal=pos)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, enable_gqa=gqa)
 
-        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        y = y.transpose(1, 2).contiguous().view(B, T, -1)
         return self.resid_dropout(self.c_proj(y))
 
 
@@ -131,7 +133,7 @@ class MLP(nn.Module):
 
     "gelu", "gelu_tanh" (GPT-2's tanh approximation of GELU) and "relu2" (relu(x)^2)
     use two matrices with a hidden size of 4 * n_embd by default. "swiglu" computes
-    silu(x W_gate) * (x W_up) W_down with three matrices, so its default hidden size
+    silu(x W_gate) * (x W_fc) W_proj with three matrices, so its default hidden size
     is 8/3 * n_embd (rounded up to a multiple of 8) to keep about the same parameter
     count and FLOPs. ``hidden`` overrides the default (e.g. a pretrained model's
     intermediate size).
@@ -142,10 +144,9 @@ class MLP(nn.Module):
         self.kind = kind
         if hidden is None:
             hidden = default_mlp_hidden(n_embd, kind)
-        if kind == "swiglu":
-            self.c_fc = nn.Linear(n_embd, 2 * hidden, bias=bias)  # gate and up projections together
-        else:
-            self.c_fc = nn.Linear(n_embd, hidden, bias=bias)
+        # SwiGLU's gate is its own matrix (not fused with c_fc): tensor parallelism splits both by columns.
+        self.c_gate = nn.Linear(n_embd, hidden, bias=bias) if kind == "swiglu" else None
+        self.c_fc = nn.Linear(n_embd, hidden, bias=bias)
         self.c_proj = nn.Linear(hidden, n_embd, bias=bias)
         self.dropout = nn.Dropout(dropout)
 
@@ -159,8 +160,7 @@ class MLP(nn.Module):
         elif self.kind == "relu2":
             h = F.relu(h).square()
         else:
-            gate, up = h.chunk(2, dim=-1)
-            h = F.silu(gate) * up
+            h = F.silu(self.c_gate(x)) * h
         return self.dropout(self.c_proj(h))
 
 

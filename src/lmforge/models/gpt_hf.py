@@ -9,7 +9,7 @@ layouts are covered, each by the GPT options that reproduce it exactly:
 * ``llama`` (``LlamaForCausalLM``) and the architectures with its layout: ``mistral`` and
   ``qwen2`` (biases on the query/key/value projections). RoPE (theta -> ``rope_base``), RMSNorm,
   SwiGLU with the model's intermediate size, grouped-query attention, untied or tied head.
-  Their q/k/v and gate/up matrices are concatenated into the GPT's fused ``c_attn`` and ``c_fc``.
+  Their q/k/v, gate and up matrices map one to one onto the GPT's ``c_q``/``c_k``/``c_v``, ``c_gate`` and ``c_fc``.
   A GPT with ``qkv_bias`` exports as Llama with ``attention_bias`` and a zero output-projection
   bias: Qwen2's own layout would be exact too, but ``AutoTokenizer`` replaces the tokenizer of a
   ``qwen2`` directory with Qwen2's own pre-tokenizer, which changes lmforge's token ids.
@@ -173,14 +173,15 @@ def _from_gpt2(hf_state: Mapping[str, torch.Tensor], n_layer: int) -> dict[str, 
         for hf_norm, our_norm in (("ln_1", "norm_1"), ("ln_2", "norm_2")):
             state[f"{ours}{our_norm}.weight"] = get(f"{hf}{hf_norm}.weight")
             state[f"{ours}{our_norm}.bias"] = get(f"{hf}{hf_norm}.bias")
-        for hf_linear, our_linear in (
-            ("attn.c_attn", "attn.c_attn"),
-            ("attn.c_proj", "attn.c_proj"),
-            ("mlp.c_fc", "mlp.c_fc"),
-            ("mlp.c_proj", "mlp.c_proj"),
-        ):
-            state[f"{ours}{our_linear}.weight"] = get(f"{hf}{hf_linear}.weight").t()  # Conv1D is (in, out)
-            state[f"{ours}{our_linear}.bias"] = get(f"{hf}{hf_linear}.bias")
+        for linear in ("attn.c_proj", "mlp.c_fc", "mlp.c_proj"):
+            state[f"{ours}{linear}.weight"] = get(f"{hf}{linear}.weight").t()  # Conv1D is (in, out)
+            state[f"{ours}{linear}.bias"] = get(f"{hf}{linear}.bias")
+        # GPT-2 fuses the query, key and value projections into one c_attn of 3 * n_embd outputs.
+        qkv_weights = get(f"{hf}attn.c_attn.weight").t().chunk(3)
+        qkv_biases = get(f"{hf}attn.c_attn.bias").chunk(3)
+        for part, weight, bias in zip("qkv", qkv_weights, qkv_biases):
+            state[f"{ours}attn.c_{part}.weight"] = weight
+            state[f"{ours}attn.c_{part}.bias"] = bias
     state["norm_f.weight"] = get("ln_f.weight")
     state["norm_f.bias"] = get("ln_f.bias")
     if "lm_head.weight" in hf_state:
@@ -197,10 +198,10 @@ def _from_llama(hf_state: Mapping[str, torch.Tensor], n_layer: int, qkv_bias: bo
         hf, ours = f"layers.{i}.", f"blocks.{i}."
         state[f"{ours}norm_1.weight"] = get(f"{hf}input_layernorm.weight")
         state[f"{ours}norm_2.weight"] = get(f"{hf}post_attention_layernorm.weight")
-        qkv = [f"{hf}self_attn.{p}_proj" for p in "qkv"]
-        state[f"{ours}attn.c_attn.weight"] = torch.cat([get(f"{name}.weight") for name in qkv])
-        if qkv_bias:
-            state[f"{ours}attn.c_attn.bias"] = torch.cat([get(f"{name}.bias") for name in qkv])
+        for part in "qkv":
+            state[f"{ours}attn.c_{part}.weight"] = get(f"{hf}self_attn.{part}_proj.weight")
+            if qkv_bias:
+                state[f"{ours}attn.c_{part}.bias"] = get(f"{hf}self_attn.{part}_proj.bias")
         state[f"{ours}attn.c_proj.weight"] = get(f"{hf}self_attn.o_proj.weight")
         o_bias = hf_state.get(f"model.{hf}self_attn.o_proj.bias")
         if o_bias is not None and o_bias.count_nonzero():
@@ -208,7 +209,8 @@ def _from_llama(hf_state: Mapping[str, torch.Tensor], n_layer: int, qkv_bias: bo
                 "the model has a non-zero o_proj bias (attention_bias=true), which lmforge's GPT cannot reproduce: "
                 "its biases sit on the q/k/v projections only"
             )
-        state[f"{ours}mlp.c_fc.weight"] = torch.cat([get(f"{hf}mlp.gate_proj.weight"), get(f"{hf}mlp.up_proj.weight")])
+        state[f"{ours}mlp.c_gate.weight"] = get(f"{hf}mlp.gate_proj.weight")
+        state[f"{ours}mlp.c_fc.weight"] = get(f"{hf}mlp.up_proj.weight")
         state[f"{ours}mlp.c_proj.weight"] = get(f"{hf}mlp.down_proj.weight")
     state["norm_f.weight"] = get("norm.weight")
     if "lm_head.weight" in hf_state:
@@ -320,7 +322,10 @@ def _to_gpt2(state: Mapping[str, torch.Tensor], o: Mapping[str, Any]) -> dict[st
         for our_norm, hf_norm in (("norm_1", "ln_1"), ("norm_2", "ln_2")):
             hf[f"{name}{hf_norm}.weight"] = state[f"{ours}{our_norm}.weight"]
             hf[f"{name}{hf_norm}.bias"] = _bias_or_zeros(state, f"{ours}{our_norm}", n_embd)
-        for linear in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"):
+        qkv = [f"{ours}attn.c_{part}" for part in "qkv"]
+        hf[f"{name}attn.c_attn.weight"] = torch.cat([state[f"{linear}.weight"] for linear in qkv]).t()
+        hf[f"{name}attn.c_attn.bias"] = torch.cat([_bias_or_zeros(state, linear, n_embd) for linear in qkv])
+        for linear in ("attn.c_proj", "mlp.c_fc", "mlp.c_proj"):
             weight = state[f"{ours}{linear}.weight"]
             hf[f"{name}{linear}.weight"] = weight.t()  # Conv1D is (in, out)
             hf[f"{name}{linear}.bias"] = _bias_or_zeros(state, f"{ours}{linear}", weight.shape[0])
@@ -330,23 +335,20 @@ def _to_gpt2(state: Mapping[str, torch.Tensor], o: Mapping[str, Any]) -> dict[st
 
 
 def _to_llama(state: Mapping[str, torch.Tensor], o: Mapping[str, Any]) -> dict[str, torch.Tensor]:
-    head_dim = o["n_embd"] // o["n_head"]
-    qkv_sizes = (o["n_head"] * head_dim, o["n_kv_head"] * head_dim, o["n_kv_head"] * head_dim)
     hf = {"model.embed_tokens.weight": state["wte.weight"]}
     for i in range(o["n_layer"]):
         ours, name = f"blocks.{i}.", f"model.layers.{i}."
         hf[f"{name}input_layernorm.weight"] = state[f"{ours}norm_1.weight"]
         hf[f"{name}post_attention_layernorm.weight"] = state[f"{ours}norm_2.weight"]
-        for part, weight in zip("qkv", state[f"{ours}attn.c_attn.weight"].split(qkv_sizes)):
-            hf[f"{name}self_attn.{part}_proj.weight"] = weight
+        for part in "qkv":
+            hf[f"{name}self_attn.{part}_proj.weight"] = state[f"{ours}attn.c_{part}.weight"]
         hf[f"{name}self_attn.o_proj.weight"] = state[f"{ours}attn.c_proj.weight"]
         if o["qkv_bias"]:
-            for part, bias in zip("qkv", state[f"{ours}attn.c_attn.bias"].split(qkv_sizes)):
-                hf[f"{name}self_attn.{part}_proj.bias"] = bias
+            for part in "qkv":
+                hf[f"{name}self_attn.{part}_proj.bias"] = state[f"{ours}attn.c_{part}.bias"]
             hf[f"{name}self_attn.o_proj.bias"] = _bias_or_zeros(state, f"{ours}attn.c_proj", o["n_embd"])
-        gate, up = state[f"{ours}mlp.c_fc.weight"].chunk(2)
-        hf[f"{name}mlp.gate_proj.weight"] = gate
-        hf[f"{name}mlp.up_proj.weight"] = up
+        hf[f"{name}mlp.gate_proj.weight"] = state[f"{ours}mlp.c_gate.weight"]
+        hf[f"{name}mlp.up_proj.weight"] = state[f"{ours}mlp.c_fc.weight"]
         hf[f"{name}mlp.down_proj.weight"] = state[f"{ours}mlp.c_proj.weight"]
     hf["model.norm.weight"] = state["norm_f.weight"]
     return hf
