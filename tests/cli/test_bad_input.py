@@ -66,10 +66,11 @@ def test_bad_config_value_fails_before_anything_is_written(overrides, fragment, 
         ("generate", ["temperature=-1"], "temperature must be >= 0"),
         ("generate", ["max_new_tokens=0"], "max_new_tokens=0 must be >= 1"),
         ("eval", ["splits=[val,tset]"], "splits=['val', 'tset']"),
+        ("eval", ["data=stdlib"], "data.block_size=128 is longer than the checkpoint's context of 32 tokens"),  # [gpt]
     ],
 )
 def test_bad_eval_and_generate_settings(config_name, overrides, fragment, prepared, tmp_path, capsys):
-    cfg = compose_config(config_name, [f"ckpt_path={prepared.checkpoint}", *overrides], tmp_path)
+    cfg = compose_config(config_name, [f"ckpt_path={prepared.checkpoint}", *overrides, *prepared.paths], tmp_path)
     code, stderr = reported(generate if config_name == "generate" else evaluate, cfg, capsys)
     assert_one_clear_error(code, stderr, fragment)
 

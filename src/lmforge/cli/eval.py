@@ -9,7 +9,7 @@ from omegaconf import DictConfig
 from rich.console import Console
 from rich.table import Table
 
-from lmforge.errors import reported_errors
+from lmforge.errors import ConfigError, reported_errors
 from lmforge.lightning.module import LMModule
 from lmforge.training.batching import trainer_settings
 from lmforge.training.checkpoint import read_network, resolve_checkpoint
@@ -26,6 +26,12 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     module = LMModule.from_network(network)
     # Whatever the corpus, it is tokenized with the checkpoint's own tokenizer.
     datamodule = build_datamodule(cfg.get("data") or network.data_config, tokenizer_json=network.tokenizer_json)
+    context = module.net.context_limit
+    if context is not None and datamodule.block_size > context:
+        raise ConfigError(
+            f"data.block_size={datamodule.block_size} is longer than the checkpoint's context of {context} tokens; "
+            f"set data.block_size={context} (or fewer)"
+        )
     trainer: L.Trainer = instantiate(trainer_settings(cfg.trainer), logger=False, enable_checkpointing=False)
     metrics: dict[str, float] = {}
     for split in cfg.splits:
