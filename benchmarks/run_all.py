@@ -1,6 +1,6 @@
 """`make bench`: run every benchmark and collect their tables into benchmarks/RESULTS.md.
 
-python benchmarks/run_all.py                 # throughput, data, startup, generate, hf
+python benchmarks/run_all.py                 # throughput, data, startup, generate, hf, parallel
 python benchmarks/run_all.py --quality       # + the tiny-shakespeare time-to-target table
 python benchmarks/run_all.py --quality --ablation
 """
@@ -36,6 +36,7 @@ def main() -> None:
         ["startup.py"],
         ["generate.py"],
         ["hf.py"],
+        ["parallel.py"],
     ]
     if args.quality:
         scripts.append(["quality.py", *(["--ablation"] if args.ablation else [])])
@@ -56,7 +57,7 @@ def main() -> None:
     )
     tables = [
         (RESULTS_DIR / f"{name}.md").read_text()
-        for name in ("throughput", "data", "startup", "generate", "hf", "quality", "finetune")
+        for name in ("throughput", "data", "startup", "generate", "hf", "parallel", "quality", "finetune")
         if (RESULTS_DIR / f"{name}.md").exists()
     ]
     # The hand-written notes at the end of RESULTS.md stay; the tables above them are replaced.

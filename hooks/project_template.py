@@ -58,6 +58,12 @@ FEATURE_FILES = {
         "configs/optimizer/muon.yaml",
         "benchmarks/quality.py",
         "benchmarks/finetune.py",  # translation fine-tuning trains a small GPT
+        # tensor parallelism: only the GPT has a plan
+        "src/lmforge/models/gpt_parallelize.py",
+        "tests/training/test_tensor_parallel.py",
+        "configs/trainer/tp.yaml",
+        "configs/trainer/fsdp_tp.yaml",
+        "benchmarks/parallel.py",
         "benchmarks/gpu_smoke.sh",
         "tests/test_benchmarks.py",
     ],

@@ -592,7 +592,9 @@ def test_datamodule_loaders(tmp_path, docs_dir):
     x, y = next(iter(dm.train_loader(start_micro_batch=0, rank=0)))
     assert x.shape == (4, 16) and torch.equal(x[:, 1:], y[:, :-1])
 
-    dm.trainer = SimpleNamespace(global_step=3, accumulate_grad_batches=2, global_rank=1, world_size=2)
+    dm.trainer = SimpleNamespace(
+        global_step=3, accumulate_grad_batches=2, distributed_sampler_kwargs={"rank": 1, "num_replicas": 2}
+    )
     loader = dm.train_dataloader()
     assert loader.sampler.start == 6 and (loader.dataset.rank, loader.dataset.world_size) == (1, 2)
     assert torch.equal(next(iter(loader))[0], TrainWindows(dm.tokens("train"), 16, 4, 1337, 1, 2)[6][0])

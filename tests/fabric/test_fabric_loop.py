@@ -456,7 +456,10 @@ def test_one_and_two_processes_give_the_same_losses_and_weights_for_the_same_glo
     ]
     one = run_cli("fabric", *common, f"paths.log_dir={tmp_path}/one", env={"OMP_NUM_THREADS": "1"})  # as each rank
     assert one.returncode == 0, one.stderr[-3000:]
-    assert "global batch 512 tokens = 256 tokens per micro-batch x 1 process(es) x 2 accumulation step(s)" in one.stdout
+    assert (
+        "global batch 512 tokens = 256 tokens per micro-batch x 1 data-parallel process(es) x 2 accumulation step(s)"
+        in one.stdout
+    )
     two = run_cli(
         "fabric",
         *common,

@@ -10,23 +10,30 @@ from omegaconf import OmegaConf
 
 from lmforge.data.windows import TrainWindows
 from lmforge.errors import ConfigError
-from lmforge.training.batching import plan_batches, planned_world_size
+from lmforge.training.batching import plan_batches, planned_data_parallel_size, planned_world_size
 from lmforge.training.run import check_run
 
 
 def test_accumulation_is_derived_for_the_number_of_processes():
-    plan = plan_batches(1024, None, micro_batch_tokens=128, world_size=2, accumulate_grad_batches=1, max_steps=600)
+    plan = plan_batches(
+        1024, None, micro_batch_tokens=128, data_parallel_size=2, accumulate_grad_batches=1, max_steps=600
+    )
     assert (plan.accumulate_grad_batches, plan.max_steps, plan.global_batch_tokens) == (4, 600, 1024)
-    on_one = plan_batches(1024, None, micro_batch_tokens=128, world_size=1, accumulate_grad_batches=1, max_steps=600)
+    on_one = plan_batches(
+        1024, None, micro_batch_tokens=128, data_parallel_size=1, accumulate_grad_batches=1, max_steps=600
+    )
     assert on_one.accumulate_grad_batches == 8
-    assert "1024 tokens = 128 tokens per micro-batch x 2 process(es) x 4 accumulation step(s)" in plan.describe()
+    described = "1024 tokens = 128 tokens per micro-batch x 2 data-parallel process(es) x 4 accumulation step(s)"
+    assert described in plan.describe()
 
 
 def test_a_token_budget_sets_the_number_of_steps():
-    plan = plan_batches(1024, 10_000, micro_batch_tokens=128, world_size=2, accumulate_grad_batches=1, max_steps=600)
+    plan = plan_batches(
+        1024, 10_000, micro_batch_tokens=128, data_parallel_size=2, accumulate_grad_batches=1, max_steps=600
+    )
     assert plan.max_steps == 9  # 10_000 // 1024
     without_global = plan_batches(
-        None, 1000, micro_batch_tokens=100, world_size=1, accumulate_grad_batches=2, max_steps=5
+        None, 1000, micro_batch_tokens=100, data_parallel_size=1, accumulate_grad_batches=2, max_steps=5
     )
     assert (without_global.accumulate_grad_batches, without_global.max_steps) == (2, 5)
 
@@ -63,6 +70,21 @@ def test_planned_world_size(settings, expected, monkeypatch):
     assert planned_world_size(OmegaConf.create(settings)) == 8
 
 
+@pytest.mark.parametrize(
+    "settings,expected",
+    [
+        ({"devices": 4, "strategy": {"tensor_parallel_size": 2}}, 2),  # 2 x 2 mesh
+        ({"devices": 4, "num_nodes": 2, "strategy": {"tensor_parallel_size": "auto"}}, 2),  # one group per node
+        ({"devices": 4, "strategy": {"_target_": "DDPStrategy"}}, 4),
+        ({"devices": 4, "strategy": "fsdp", "tensor_parallel_size": 4}, 1),  # the own loop: one flat setting
+        ({"devices": 4, "strategy": "ddp", "tensor_parallel_size": 4}, 4),  # only fsdp splits layers
+    ],
+)
+def test_a_tensor_parallel_group_counts_once_in_the_global_batch(settings, expected, monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert planned_data_parallel_size(OmegaConf.create(settings)) == expected
+
+
 def test_equal_global_batches_draw_the_same_windows_on_one_or_two_processes():
     tokens = torch.arange(5000).numpy()
     alone = TrainWindows(tokens, 16, 4, seed=3, rank=0, world_size=1)
@@ -79,7 +101,8 @@ def test_check_run_applies_the_plan_and_prints_it(corpus_dir, tmp_path, capsys):
     check_run(cfg, "train")
     assert (cfg.trainer.accumulate_grad_batches, cfg.trainer.max_steps) == (4, 4)
     assert "max_tokens" not in cfg.trainer
-    assert "global batch 1024 tokens = 256 tokens per micro-batch x 1 process(es) x 4" in capsys.readouterr().out
+    described = "global batch 1024 tokens = 256 tokens per micro-batch x 1 data-parallel process(es) x 4"
+    assert described in capsys.readouterr().out
     bad = compose_config("train", [*overrides, "data.global_batch_tokens=1000"], tmp_path)
     with pytest.raises(ConfigError, match="use 768 or 1024"):
         check_run(bad, "train")

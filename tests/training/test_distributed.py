@@ -42,6 +42,8 @@ from lmforge.models import (
 from lmforge.training import run_dir
 from lmforge.training.checkpoint import is_sharded_checkpoint
 from lmforge.training.parallel import (
+    DATA_PARALLEL,
+    TENSOR_PARALLEL,
     apply_block_options,  # [lstm]
     cpu_count,
     is_sharded,
@@ -250,7 +252,7 @@ def test_fsdp_each_rank_holds_a_shard_of_every_parameter(fsdp_run):
     assert [record["threads"] for record in records] == [min(2, max(1, cpu_count() // 2))] * 2
     ranks = [record["params"] for record in records]
     assert ranks[0].keys() == ranks[1].keys()
-    assert {"blocks.0.attn.c_attn.weight", "blocks.1.attn.c_attn.weight"} <= ranks[0].keys()  # [gpt]
+    assert {"blocks.0.attn.c_q.weight", "blocks.1.attn.c_q.weight"} <= ranks[0].keys()  # [gpt]
     for name in ranks[0]:
         rows = ranks[0][name]["shape"][0]
         for params in ranks:
@@ -311,9 +313,9 @@ def test_fsdp_checkpoint_consolidates_and_evaluates(fsdp_run, tmp_path):
 
 @pytest.fixture
 def one_process_group():
-    """A gloo process group of one process, as FSDP2 needs one."""
+    """A gloo process group of one process, as FSDP2 needs one, and its 1 x 1 (data x tensor parallel) mesh."""
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    yield init_device_mesh("cpu", (1,))
+    yield init_device_mesh("cpu", (1, 1), mesh_dim_names=(DATA_PARALLEL, TENSOR_PARALLEL))
     dist.destroy_process_group()
 
 

@@ -46,9 +46,12 @@ class ServedData(pl.LightningDataModule):
         )
 
     def _rank_and_world(self) -> tuple[int, int]:
-        if self.trainer is None:
+        """This process's data-parallel rank and the number of data-parallel groups: the processes of one
+        tensor-parallel group read the same batches."""
+        sharding = None if self.trainer is None else self.trainer.distributed_sampler_kwargs
+        if not sharding:
             return 0, 1
-        return self.trainer.global_rank, self.trainer.world_size
+        return sharding["rank"], sharding["num_replicas"]
 
     def train_dataloader(self) -> DataLoader:
         # Batches are a function of the micro-batch index: a resumed run continues the sequence.

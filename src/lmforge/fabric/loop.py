@@ -36,7 +36,14 @@ from lmforge.training.config import instantiate_all
 from lmforge.training.loss import batch_loss, loss_and_perplexity
 from lmforge.training.network import build_network
 from lmforge.training.optim import build_optimizer, gradient_norm
-from lmforge.training.parallel import limit_cpu_threads, reshard, shard_model
+from lmforge.training.parallel import (
+    count_groups_as_devices,
+    data_parallel_groups,
+    data_parallel_rank,
+    limit_cpu_threads,
+    reshard,
+    shard_model,
+)
 from lmforge.training.precision import mixed_precision_dtypes
 from lmforge.training.report import describe_network
 from lmforge.training.run import (
@@ -55,6 +62,8 @@ Batch = tuple[torch.Tensor, torch.Tensor]
 
 # The `trainer` settings that say how Fabric runs; `fabric run --<flag>` passes them to each process as LT_<NAME>.
 HARDWARE_SETTINGS = ("accelerator", "strategy", "devices", "num_nodes", "precision")
+# Processes per tensor-parallel group under strategy=fsdp (fabric run has no flag for it).
+TENSOR_PARALLEL_SETTING = "tensor_parallel_size"
 
 
 @dataclass(frozen=True)
@@ -78,7 +87,7 @@ class LoopSettings:
     @classmethod
     def from_config(cls, node: DictConfig) -> LoopSettings:
         known = {field.name for field in fields(cls)}
-        unknown = sorted(set(node) - known - set(HARDWARE_SETTINGS) - set(PLANNED_SETTINGS))
+        unknown = sorted(set(node) - known - {*HARDWARE_SETTINGS, *PLANNED_SETTINGS, TENSOR_PARALLEL_SETTING})
         if unknown:
             raise ConfigError(
                 f"trainer.{unknown[0]} is a Lightning Trainer setting the Fabric loop does not have; remove it "
@@ -115,7 +124,8 @@ def hardware_settings(trainer_cfg: DictConfig) -> dict[str, Any]:
 
 
 def fsdp_strategy(cfg: DictConfig, settings: dict[str, Any], timeout: timedelta) -> ModelParallelStrategy:
-    """FSDP2 data parallelism over all processes, sharding with :func:`lmforge.training.parallel.shard_model`."""
+    """FSDP2 over data-parallel groups of ``trainer.tensor_parallel_size`` processes (1: every process in one
+    data-parallel group), splitting and sharding with :func:`lmforge.training.parallel.shard_model`."""
     try:
         world_size = int(settings["devices"]) * int(settings["num_nodes"])
     except ValueError:
@@ -123,6 +133,8 @@ def fsdp_strategy(cfg: DictConfig, settings: dict[str, Any], timeout: timedelta)
             f"trainer.strategy=fsdp needs a number of devices, not devices={settings['devices']!r}; "
             "set trainer.devices=<N> (or --devices=<N>)"
         ) from None
+    tensor_parallel_size = cfg.trainer.get(TENSOR_PARALLEL_SETTING, 1)
+    groups = data_parallel_groups(world_size, tensor_parallel_size, f"trainer.{TENSOR_PARALLEL_SETTING}")
     param_dtype, reduce_dtype = mixed_precision_dtypes(settings["precision"])
     options = {
         "param_dtype": param_dtype,
@@ -132,10 +144,13 @@ def fsdp_strategy(cfg: DictConfig, settings: dict[str, Any], timeout: timedelta)
     }
 
     def shard(net: torch.nn.Module, device_mesh: Any) -> torch.nn.Module:
-        return shard_model(net, device_mesh["data_parallel"], **options)
+        return shard_model(net, device_mesh, **options)
 
     return ModelParallelStrategy(
-        parallelize_fn=shard, data_parallel_size=world_size, tensor_parallel_size=1, timeout=timeout
+        parallelize_fn=shard,
+        data_parallel_size=groups,
+        tensor_parallel_size=tensor_parallel_size,
+        timeout=timeout,
     )
 
 
@@ -296,7 +311,7 @@ def _train(fabric: L.Fabric, run: Run, loop: LoopSettings) -> dict[str, float]:
     def loader(dataloader: torch.utils.data.DataLoader) -> Any:
         return fabric.setup_dataloaders(dataloader, use_distributed_sampler=False)  # each rank shards itself
 
-    rank, world_size = fabric.global_rank, fabric.world_size
+    rank, world_size = data_parallel_rank(fabric.strategy)  # the data-parallel ones
     # Batches are a function of the micro-batch index, so a resumed run continues the same sequence.
     start_micro_batch = start_step * loop.accumulate_grad_batches
     batches = iter(loader(datamodule.train_loader(start_micro_batch, rank, world_size, loop.accumulate_grad_batches)))
@@ -307,6 +322,7 @@ def _train(fabric: L.Fabric, run: Run, loop: LoopSettings) -> dict[str, float]:
     throughput = ThroughputMonitor(fabric, window_size=cfg.throughput.window_size)
     if cfg.throughput.peak_flops:
         throughput.available_flops = cfg.throughput.peak_flops
+    count_groups_as_devices(throughput, fabric.strategy, fabric.world_size)
     tokens_per_step = datamodule.batch_size * datamodule.block_size * loop.accumulate_grad_batches  # on each rank
     checkpoint_dir = Path(cfg.paths.output_dir) / "checkpoints"
     metrics: dict[str, float] = {}

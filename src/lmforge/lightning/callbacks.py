@@ -15,7 +15,7 @@ from lightning.pytorch.trainer.states import RunningStage
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from lmforge.training.generation import generate_sample
-from lmforge.training.parallel import is_sharded
+from lmforge.training.parallel import count_groups_as_devices, is_sharded, is_tensor_parallel
 from lmforge.training.report import describe_network
 from lmforge.training.run import is_logging_step
 from lmforge.training.safety import NonFiniteLossPolicy, StopSignals, report_interruption
@@ -43,8 +43,9 @@ class TextSamples(L.Callback):
         tokenizer = pl_module.tokenizer
         if trainer.sanity_checking or tokenizer is None:
             return
-        # Rank 0 samples alone, except that a sharded (FSDP) network runs only with every rank.
-        if not (trainer.is_global_zero or is_sharded(pl_module.net)):
+        # Rank 0 samples alone, except that a sharded (FSDP) network runs only with every rank; a
+        # tensor-parallel one cannot split a prompt over its processes (lmforge generate can, on the checkpoint).
+        if not (trainer.is_global_zero or is_sharded(pl_module.net)) or is_tensor_parallel(pl_module.net):
             return
         self.last_sample = generate_sample(pl_module.net, tokenizer, self, pl_module.device)
         for logger in trainer.loggers:
@@ -70,8 +71,10 @@ class LMThroughputMonitor(ThroughputMonitor):
         super().setup(trainer, pl_module, stage)
         if self.peak_flops:
             self.available_flops = self.peak_flops
-            for throughput in self._throughputs.values():
+        for throughput in self._throughputs.values():
+            if self.peak_flops:
                 throughput.available_flops = self.peak_flops
+            count_groups_as_devices(throughput, trainer.strategy, trainer.world_size)
 
     def training_rates(self) -> dict[str, float]:
         """Latest training rates on rank 0 (tokens/s is ``items_per_sec``); empty before any."""

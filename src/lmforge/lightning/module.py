@@ -16,7 +16,7 @@ from lmforge.training.checkpoint import NetworkCheckpoint
 from lmforge.training.loss import batch_loss, loss_and_perplexity
 from lmforge.training.network import build_network
 from lmforge.training.optim import build_optimizer, gradient_norm
-from lmforge.training.parallel import apply_block_options, limit_cpu_threads, shard_model
+from lmforge.training.parallel import apply_block_options, data_parallel_rank, limit_cpu_threads, shard_model
 from lmforge.training.precision import mixed_precision_dtypes
 from lmforge.training.run import is_logging_step
 from lmforge.training.task_eval import TaskScores, log_answers, validate_task
@@ -66,7 +66,7 @@ class LMModule(L.LightningModule):
         """Set up the network in each process once the processes exist (Lightning calls this per stage).
 
         Caps CPU threads at this process's share of the cores, then, once: under
-        ``trainer=fsdp`` (a device mesh exists) shards the network with FSDP2, else applies
+        ``trainer=fsdp`` or ``trainer=tp`` (a device mesh exists) splits and shards the network, else applies
         the block options (activation checkpointing, compile) alone. Does nothing outside a
         Trainer (``load_from_checkpoint`` calls it too).
         """
@@ -84,9 +84,7 @@ class LMModule(L.LightningModule):
             apply_block_options(self.net, **options)
             return
         param_dtype, reduce_dtype = mixed_precision_dtypes(self.trainer.precision)
-        shard_model(
-            self.net, self.device_mesh["data_parallel"], param_dtype=param_dtype, reduce_dtype=reduce_dtype, **options
-        )
+        shard_model(self.net, self.device_mesh, param_dtype=param_dtype, reduce_dtype=reduce_dtype, **options)
 
     @classmethod
     def from_network(cls, network: NetworkCheckpoint) -> LMModule:
@@ -134,8 +132,9 @@ class LMModule(L.LightningModule):
 
     @property
     def tokens_per_step(self) -> int:
-        """Training tokens per optimizer step, over all micro-batches and ranks."""
-        return self._tokens_per_micro_batch * self.trainer.accumulate_grad_batches * self.trainer.world_size
+        """Training tokens per optimizer step, over all micro-batches and data-parallel groups."""
+        groups = data_parallel_rank(self.trainer.strategy)[1]
+        return self._tokens_per_micro_batch * self.trainer.accumulate_grad_batches * groups
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         # Runs before gradient clipping, so the logged norm is the raw one. Only on

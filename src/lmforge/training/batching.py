@@ -2,9 +2,10 @@
 
 ``data.batch_size`` windows of ``data.block_size`` tokens are one micro-batch of one process. With
 ``data.global_batch_tokens`` the batch of an optimizer step is given for the whole job instead,
-and lmforge derives the gradient accumulation for the number of processes:
+and lmforge derives the gradient accumulation for the number of data-parallel processes (all of
+them, except that a tensor-parallel group of processes reads one batch together):
 
-    accumulate_grad_batches = global_batch_tokens / (batch_size * block_size * world_size)
+    accumulate_grad_batches = global_batch_tokens / (batch_size * block_size * data_parallel_size)
 
 ``trainer.max_tokens`` gives the run's length as a token budget: ``max_steps = max_tokens //
 global_batch_tokens``. Both loops apply the plan the same way (:func:`apply_batch_plan`, called by
@@ -33,18 +34,19 @@ class BatchPlan:
     """How a global batch splits into micro-batches across processes and accumulation steps."""
 
     micro_batch_tokens: int  # per process and micro-batch: batch_size * block_size
-    world_size: int
+    data_parallel_size: int  # processes (tensor-parallel groups) reading distinct batches
     accumulate_grad_batches: int
     max_steps: int
 
     @property
     def global_batch_tokens(self) -> int:
-        return self.micro_batch_tokens * self.world_size * self.accumulate_grad_batches
+        return self.micro_batch_tokens * self.data_parallel_size * self.accumulate_grad_batches
 
     def describe(self) -> str:
         return (
             f"global batch {self.global_batch_tokens} tokens = {self.micro_batch_tokens} tokens per micro-batch "
-            f"x {self.world_size} process(es) x {self.accumulate_grad_batches} accumulation step(s); "
+            f"x {self.data_parallel_size} data-parallel process(es) x {self.accumulate_grad_batches} "
+            "accumulation step(s); "
             f"{self.max_steps} optimizer steps = {self.max_steps * self.global_batch_tokens} tokens"
         )
 
@@ -70,16 +72,31 @@ def planned_world_size(trainer_cfg: DictConfig) -> int:
     return max(1, count) * nodes
 
 
+def planned_data_parallel_size(trainer_cfg: DictConfig) -> int:
+    """The processes of this job (:func:`planned_world_size`) that read distinct batches: one per
+    tensor-parallel group (``trainer.strategy.tensor_parallel_size`` of the Trainer's ``trainer=tp`` /
+    ``fsdp_tp``, ``trainer.tensor_parallel_size`` of the Fabric loop's ``strategy=fsdp``)."""
+    world_size = planned_world_size(trainer_cfg)
+    strategy = trainer_cfg.get("strategy")
+    if isinstance(strategy, DictConfig):
+        size = strategy.get("tensor_parallel_size", 1)
+    else:
+        size = trainer_cfg.get("tensor_parallel_size", 1) if strategy == "fsdp" else 1
+    if size == "auto":  # every process of a node
+        return int(trainer_cfg.get("num_nodes", 1) or 1)
+    return max(1, world_size // int(size))
+
+
 def plan_batches(
     global_batch_tokens: int | None,
     max_tokens: int | None,
     micro_batch_tokens: int,
-    world_size: int,
+    data_parallel_size: int,
     accumulate_grad_batches: int,
     max_steps: int | None,
 ) -> BatchPlan:
     """The accumulation and run length for a global batch and token budget (each optional)."""
-    per_accumulation_step = micro_batch_tokens * world_size
+    per_accumulation_step = micro_batch_tokens * data_parallel_size
     if global_batch_tokens is not None:
         if accumulate_grad_batches != 1:
             raise ConfigError(
@@ -90,7 +107,8 @@ def plan_batches(
             lower = max(1, global_batch_tokens // per_accumulation_step) * per_accumulation_step
             raise ConfigError(
                 f"data.global_batch_tokens={global_batch_tokens} is not a multiple of the {per_accumulation_step} "
-                f"tokens of one micro-batch on every process ({micro_batch_tokens} x {world_size}); "
+                f"tokens of one micro-batch on every data-parallel process "
+                f"({micro_batch_tokens} x {data_parallel_size}); "
                 f"use {lower} or {lower + per_accumulation_step}, or change data.batch_size / data.block_size"
             )
         accumulate_grad_batches = global_batch_tokens // per_accumulation_step
@@ -102,7 +120,7 @@ def plan_batches(
                 f"set it to at least {step_tokens}"
             )
         max_steps = max_tokens // step_tokens
-    return BatchPlan(micro_batch_tokens, world_size, accumulate_grad_batches, max_steps or 0)
+    return BatchPlan(micro_batch_tokens, data_parallel_size, accumulate_grad_batches, max_steps or 0)
 
 
 def apply_batch_plan(cfg: DictConfig) -> BatchPlan | None:
@@ -119,7 +137,7 @@ def apply_batch_plan(cfg: DictConfig) -> BatchPlan | None:
         global_batch_tokens,
         max_tokens,
         micro_batch_tokens=int(cfg.data.batch_size) * int(cfg.data.block_size),
-        world_size=planned_world_size(cfg.trainer),
+        data_parallel_size=planned_data_parallel_size(cfg.trainer),
         accumulate_grad_batches=int(cfg.trainer.get("accumulate_grad_batches", 1)),
         max_steps=cfg.trainer.get("max_steps"),
     )

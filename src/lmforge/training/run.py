@@ -44,7 +44,7 @@ from lmforge.training.config import apply_extras, build_datamodule, model_config
 from lmforge.training.generation import generate_sample
 from lmforge.training.initialization import RUN_SETTINGS, InitialWeights, read_initial_weights
 from lmforge.training.network import LORA_KEY
-from lmforge.training.parallel import is_sharded, shut_down_process_group
+from lmforge.training.parallel import is_sharded, is_tensor_parallel, shut_down_process_group
 from lmforge.training.report import print_run_summary
 from lmforge.training.run_dir import is_rank_zero_process
 from lmforge.training.task_eval import task_sample
@@ -208,9 +208,11 @@ def load_initial_weights(run: Run, net: torch.nn.Module) -> None:
 def finish_run(
     run: Run, net: torch.nn.Module, device: torch.device | str, is_global_zero: bool, result: RunResult
 ) -> None:
-    """Step 4: rank 0 prints the summary with a text sample (a sharded network samples on every rank),
+    """Step 4: rank 0 prints the summary with a text sample (a sharded network samples on every rank; a
+    tensor-parallel one cannot split a prompt over its processes and leaves it to ``lmforge generate``),
     then the processes of a distributed run end together (:func:`shut_down_process_group`)."""
-    if is_global_zero or is_sharded(net):
+    sample = None
+    if (is_global_zero or is_sharded(net)) and not is_tensor_parallel(net):
         sample = task_sample(net, run.datamodule, device)
         if sample is None:
             sample = generate_sample(net, run.tokenizer, run.cfg.sample, device)
