@@ -12,11 +12,15 @@ PORT   ?= 6006
 help: ## List the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-12s %s\n", $$1, $$2}'
 
-setup: $(STAMP) ## Create .venv and install lmforge with its extras (dev, hf, lora, wandb, mlflow, optuna, datasets) under the tested pins (no-op when up to date)
+setup: $(STAMP) ## Create .venv and install lmforge with its extras (dev, hf, lora, wandb, mlflow, optuna, datasets, stream) under the tested pins (no-op when up to date)
 
+# The stream extra is litdata and what it imports, without the torchvision it lists: torchvision
+# only serves litdata's image serializer, and the package indexes have no CPU build of it for the
+# tested torch, while a CUDA build of it makes torchmetrics (so lightning) fail to import.
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[dev,hf,lora,wandb,mlflow,optuna,datasets]'
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[dev,hf,lora,wandb,mlflow,optuna,datasets]' boto3 obstore tifffile
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt --no-deps litdata
 	@touch $@
 
 train: setup ## Train the default experiment (extra Hydra overrides: make train ARGS="trainer.max_steps=100")

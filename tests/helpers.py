@@ -42,7 +42,8 @@ DEFAULT_MODEL = next(iter(TINY_MODEL))
 # What a config option needs besides its name: model=hf takes its architecture from init_from, or
 # written inline (random weights).
 OPTION_NEEDS = {
-    ("model", "hf"): ["model.hf_config={model_type:gpt_neox,hidden_size:16,num_hidden_layers:1,num_attention_heads:2}"]
+    ("model", "hf"): ["model.hf_config={model_type:gpt_neox,hidden_size:16,num_hidden_layers:1,num_attention_heads:2}"],
+    ("data", "streaming"): ["data.chunks_dir=chunks"],  # composes and builds; reading it needs chunks
 }
 TINY_RUN = [
     "data.block_size=32",

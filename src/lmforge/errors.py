@@ -28,7 +28,7 @@ from omegaconf.errors import InterpolationToMissingValueError, MissingMandatoryV
 USER_ERROR_EXIT_CODE = 1
 EXTRAS_HINT = (
     "pip install 'lmforge[hf]' (model=hf, init_from, export), 'lmforge[lora]', 'lmforge[wandb]', 'lmforge[mlflow]', "
-    "'lmforge[optuna]' or 'lmforge[datasets]' (data=hf_dataset)"
+    "'lmforge[optuna]', 'lmforge[datasets]' (data=hf_dataset) or 'lmforge[stream]' (data=streaming)"
 )
 # Failures to write or read a file that the user fixes (free space, permissions), not bugs.
 _USER_OS_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM})
