@@ -17,6 +17,7 @@ from lmforge.errors import ConfigError
 from lmforge.models import GPT
 from lmforge.models.gpt_parallelize import check_sequence_length, check_tensor_parallel
 from lmforge.training.checkpoint import read_network
+from lmforge.training.lora import LoRA
 from lmforge.training.parallel import data_parallel_groups, is_tensor_parallel, tensor_parallelize
 
 # Every split the plan makes: grouped-query attention (k/v heads split too), SwiGLU's separate
@@ -42,6 +43,13 @@ def tiny_gpt(**options) -> GPT:
 def test_a_gpt_that_cannot_be_split_is_one_line(options, degree, message):
     with pytest.raises(ConfigError, match=message):
         check_tensor_parallel(tiny_gpt(**options), degree)
+
+
+def test_layers_wrapped_by_adapters_are_refused():
+    net = tiny_gpt()
+    LoRA(r=2).apply(net)
+    with pytest.raises(ConfigError, match=r"blocks.0.attn.c_q is a .*LoRA is not supported under tensor parallelism"):
+        check_tensor_parallel(net, 2)
 
 
 def test_sequences_that_do_not_split_into_equal_parts_are_refused_before_any_collective():

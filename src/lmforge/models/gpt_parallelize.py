@@ -18,6 +18,7 @@ from __future__ import annotations
 from functools import partial
 
 import torch
+from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import Replicate, Shard
 from torch.distributed.tensor.parallel import (
@@ -55,6 +56,12 @@ def check_tensor_parallel(net: GPT, degree: int) -> None:
             f"tensor parallelism over {degree} processes splits each sequence into equal parts; "
             f"pick a data.block_size divisible by {degree} (got {net.block_size})"
         )
+    for name, module in net.blocks[0].named_modules():
+        if name.rsplit(".", 1)[-1].startswith("c_") and type(module) is not nn.Linear:
+            raise ConfigError(
+                f"tensor parallelism splits plain linear layers, and blocks.0.{name} is a {type(module).__name__} "
+                "(LoRA adapters?); LoRA is not supported under tensor parallelism yet: use trainer=fsdp or ddp"
+            )
     if attn.q_norm is not None:
         raise ConfigError(
             "model.qk_norm=true is not supported under tensor parallelism yet (its per-head norm weights would "
