@@ -44,3 +44,4 @@ def test_gpu_smoke_script_runs_tiny_on_cpu(tmp_path):
     assert float(lines["tokens/s per device"].replace(",", "")) > 0
     mfu = next(value for key, value in lines.items() if key.startswith("MFU"))
     assert 0 < float(mfu.strip().rstrip("%")) < 100
+    assert float(lines["tp2 tokens/s per device"].replace(",", "")) > 0  # [gpt]
