@@ -1,6 +1,6 @@
 """`make bench`: run every benchmark and collect their tables into benchmarks/RESULTS.md.
 
-python benchmarks/run_all.py                 # throughput, data, startup, generate, hf, parallel
+python benchmarks/run_all.py                 # throughput, data, startup, generate, hf, parallel, streaming
 python benchmarks/run_all.py --quality       # + the tiny-shakespeare time-to-target table
 python benchmarks/run_all.py --quality --ablation
 """
@@ -37,6 +37,7 @@ def main() -> None:
         ["generate.py"],
         ["hf.py"],
         ["parallel.py"],
+        ["streaming.py"],
     ]
     if args.quality:
         scripts.append(["quality.py", *(["--ablation"] if args.ablation else [])])
@@ -57,7 +58,7 @@ def main() -> None:
     )
     tables = [
         (RESULTS_DIR / f"{name}.md").read_text()
-        for name in ("throughput", "data", "startup", "generate", "hf", "parallel", "quality", "finetune")
+        for name in ("throughput", "data", "startup", "generate", "hf", "parallel", "streaming", "quality", "finetune")
         if (RESULTS_DIR / f"{name}.md").exists()
     ]
     # The hand-written notes at the end of RESULTS.md stay; the tables above them are replaced.
