@@ -64,6 +64,7 @@ FEATURE_FILES = {
         "configs/trainer/tp.yaml",
         "configs/trainer/fsdp_tp.yaml",
         "benchmarks/parallel.py",
+        "benchmarks/streaming.py",  # trains a small GPT from chunks and from the cache
         "benchmarks/gpu_smoke.sh",
         "tests/test_benchmarks.py",
     ],
