@@ -102,6 +102,18 @@ def tiny_train_overrides(corpus: Path, model: str = DEFAULT_MODEL, *extra: str) 
     return ["data=text_files", f"data.path={corpus}", *TINY_MODEL[model], *TINY_RUN, *extra]
 
 
+def global_batch_overrides(corpus: Path, model: str, data_dir: Path, *extra: str) -> list[str]:
+    """Overrides for runs compared at one global batch of 512 tokens (2 micro-batches of 8 x 32) for 8 steps."""
+    return [
+        *tiny_train_overrides(corpus, model, *extra),
+        "data.global_batch_tokens=512",
+        "trainer.max_steps=8",
+        "logger=csv",
+        "test=false",
+        f"paths.data_dir={data_dir}",
+    ]
+
+
 def write_task_pairs(path: Path, pairs: int = 200) -> Path:
     """Write tab-separated English-French pairs with a credit column, as Tatoeba's are, and return the path."""
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -5,7 +5,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import TINY_MODEL, TINY_RUN, assert_runs_agree, compose_config, run_cli, succeeded, tiny_train_overrides
+from helpers import (
+    TINY_MODEL,
+    TINY_RUN,
+    assert_runs_agree,
+    compose_config,
+    global_batch_overrides,
+    run_cli,
+    succeeded,
+)
 from omegaconf import OmegaConf
 
 from lmforge.data.windows import TrainWindows
@@ -115,14 +123,7 @@ def test_one_and_two_processes_give_the_same_losses_and_weights_for_the_same_glo
     final weights agree within 1e-5. (The Trainer counts val_check_interval in micro-batches.) Each
     process computes with one thread, as each DDP rank of 2 does on 2 cores: kernels with another
     thread count sum in another order, and Adam's first steps magnify those last-bit differences."""
-    common = [
-        *tiny_train_overrides(corpus_dir, model),
-        "data.global_batch_tokens=512",  # 2 micro-batches of 8 x 32 tokens
-        "trainer.max_steps=8",
-        "logger=csv",
-        "test=false",
-        f"paths.data_dir={tmp_path}/data",
-    ]
+    common = global_batch_overrides(corpus_dir, model, tmp_path / "data")
     one = [*common, "trainer.val_check_interval=4", f"paths.log_dir={tmp_path}/one"]
     two = [*common, "trainer=ddp_sim", "trainer.val_check_interval=2", f"paths.log_dir={tmp_path}/two"]
     assert succeeded(run_cli("train", *one, env={"OMP_NUM_THREADS": "1"}))

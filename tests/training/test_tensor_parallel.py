@@ -11,7 +11,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import assert_runs_agree, csv_values, run_cli, scalars, succeeded, tiny_train_overrides
+from helpers import (
+    assert_runs_agree,
+    csv_values,
+    global_batch_overrides,
+    run_cli,
+    scalars,
+    succeeded,
+    tiny_train_overrides,
+)
 
 from lmforge.errors import ConfigError
 from lmforge.models import GPT
@@ -119,14 +127,7 @@ def test_trainer_tp_on_two_processes_equals_one_process_resumes_exactly_and_its_
 def test_fsdp_tp_on_a_two_by_two_mesh_equals_one_process_for_the_same_global_batch(corpus_dir, tmp_path):
     """4 processes: 2 data-parallel groups (FSDP2) of 2 tensor-parallel processes; 1 process
     accumulates 2 micro-batches. Validation losses and final weights within 1e-5."""
-    common = [
-        *tiny_train_overrides(corpus_dir, "gpt", *SPLIT_MODEL),
-        "data.global_batch_tokens=512",  # 2 micro-batches of 8 x 32 tokens
-        "trainer.max_steps=8",
-        "logger=csv",
-        "test=false",
-        f"paths.data_dir={tmp_path}/data",
-    ]
+    common = global_batch_overrides(corpus_dir, "gpt", tmp_path / "data", *SPLIT_MODEL)
     one = [*common, "trainer.val_check_interval=8", f"paths.log_dir={tmp_path}/one"]  # counted in micro-batches
     four = [*common, "trainer=fsdp_tp", "trainer.devices=4", "trainer.val_check_interval=4"]
     assert succeeded(run_cli("train", *one, env=ONE_THREAD))
