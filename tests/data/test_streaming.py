@@ -4,6 +4,7 @@ training from them equals training from the cache, and runs resume exactly."""
 from __future__ import annotations
 
 import pickle
+import signal
 
 import numpy as np
 import pytest
@@ -60,6 +61,20 @@ def test_missing_chunks_without_a_corpus_are_one_line(tmp_path):
 def test_chunk_size_must_hold_whole_items(chunked, tmp_path):
     with pytest.raises(DataError, match=f"must be a multiple of {ITEM_TOKENS}"):
         write_token_chunks(chunked[0], str(tmp_path), chunk_tokens=1000)
+
+
+def test_writing_chunks_keeps_the_sigint_handler(chunked, tmp_path):
+    """LitData's optimize swaps in a handler that exits 0 on Ctrl-C; the writer must put the old one back."""
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        write_token_chunks(chunked[0], str(tmp_path / "chunks"), chunk_tokens=2 * ITEM_TOKENS)
+        assert signal.getsignal(signal.SIGINT) is handler
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 @pytest.mark.slow

@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import signal
 from pathlib import Path
 
 import fsspec
@@ -69,18 +70,24 @@ def write_token_chunks(corpus: CachedCorpus, chunks_dir: str, chunk_tokens: int)
             stop = min(start + chunk_tokens, count)
             padded = -(-(stop - start) // ITEM_TOKENS) * ITEM_TOKENS  # the last item filled up with zeros
             pieces.append((filename, dtype, count, start, stop, padded))
-        optimize(
-            fn=_piece,
-            inputs=pieces,
-            output_dir=f"{chunks_dir.rstrip('/')}/{split}",
-            chunk_size=chunk_tokens,
-            item_loader=TokensLoader(),
-            num_workers=1,
-            reorder_files=False,
-            start_method="fork",  # a spawned worker would import torch again (seconds); it only copies tokens
-            mode="overwrite",
-            verbose=False,
-        )
+        # LitData's optimize installs a SIGINT handler that exits with status 0 and never puts the
+        # previous one back; restore it, or a later Ctrl-C would end the run silently as a success.
+        sigint_handler = signal.getsignal(signal.SIGINT)
+        try:
+            optimize(
+                fn=_piece,
+                inputs=pieces,
+                output_dir=f"{chunks_dir.rstrip('/')}/{split}",
+                chunk_size=chunk_tokens,
+                item_loader=TokensLoader(),
+                num_workers=1,
+                reorder_files=False,
+                start_method="fork",  # a spawned worker would import torch again (seconds); it only copies tokens
+                mode="overwrite",
+                verbose=False,
+            )
+        finally:
+            signal.signal(signal.SIGINT, sigint_handler)
         splits[split] = count
     meta = {"splits": splits, "vocab_size": corpus.vocab_size, "item_tokens": ITEM_TOKENS}
     with fsspec.open(f"{chunks_dir.rstrip('/')}/{TOKENIZER_FILE}", "w") as handle:
