@@ -23,10 +23,12 @@ import pytest
 import torch
 from omegaconf import DictConfig
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
 
 from lmforge.errors import reported_errors
 from lmforge.training.checkpoint import read_network
 from lmforge.training.config import compose_in_process
+from lmforge.training.loggers import QUANTITY_GROUPS
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TESTS_DIR = REPO_ROOT / "tests"
@@ -207,13 +209,40 @@ def read_csv_metric(run_dir: Path, key: str) -> dict[int, float]:
     return values
 
 
+def metric_name(tag: str) -> str:
+    """The logged metric behind a TensorBoard tag (the inverse of ``tensorboard_tag``: ``loss/val`` -> ``val/loss``)."""
+    group, _, rest = tag.partition("/")
+    quantity = {group_name: name for name, group_name in QUANTITY_GROUPS.items()}.get(group)
+    if quantity is not None:
+        return f"{rest}/{quantity}"
+    return rest if group == "train" and rest.startswith("lr") else tag
+
+
 def scalars(tensorboard_dir: Path) -> dict[str, dict[int, float]]:
-    """tag -> {step: value} of every scalar in the TensorBoard events under ``tensorboard_dir``."""
+    """metric -> {step: value} of every scalar in the TensorBoard events under ``tensorboard_dir``,
+    by the metric names the loops log (``val/loss``), not the tags TensorBoard shows (``loss/val``)."""
     accumulator = EventAccumulator(str(tensorboard_dir))
     accumulator.Reload()
     return {
-        tag: {event.step: event.value for event in accumulator.Scalars(tag)} for tag in accumulator.Tags()["scalars"]
+        metric_name(tag): {event.step: event.value for event in accumulator.Scalars(tag)}
+        for tag in accumulator.Tags()["scalars"]
     }
+
+
+def tensorboard_cards_and_hparams(tensorboard_dir: Path) -> tuple[list[str], dict, list[str]]:
+    """What TensorBoard shows of a run: its card groups in display order (tags sorted), its
+    hyperparameters in the HParams tab, and the metrics that tab lists for it."""
+    accumulator = EventAccumulator(str(tensorboard_dir))
+    accumulator.Reload()
+    groups = sorted({tag.split("/")[0] for tag in accumulator.Tags()["scalars"]})
+    content = accumulator.PluginTagToContent("hparams")
+    start = HParamsPluginData.FromString(content["_hparams_/session_start_info"]).session_start_info.hparams
+    experiment = HParamsPluginData.FromString(content["_hparams_/experiment"]).experiment
+    return (
+        groups,
+        {key: value.WhichOneof("kind") for key, value in start.items()},
+        [info.name.tag for info in experiment.metric_infos],
+    )
 
 
 def csv_values(log_dir: Path, key: str = "val/loss") -> dict[int, float]:

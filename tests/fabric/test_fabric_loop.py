@@ -22,6 +22,7 @@ from helpers import (
     read_csv_metric,
     run_cli,
     scalars,
+    tensorboard_cards_and_hparams,
     tiny_sft_overrides,
     tiny_train_overrides,
     write_task_data,
@@ -196,6 +197,11 @@ def test_cli_trains_validates_logs_and_checkpoints(tmp_path, corpus_dir):
     assert logged["val/ppl"][12] == pytest.approx(math.exp(logged["val/loss"][12]), rel=1e-4)
     assert logged["train/tokens"][11] == 12 * 8 * 32
     assert logged["train/loss"][11] < logged["train/loss"][1]
+    # TensorBoard shows it as it shows a Trainer run: loss and perplexity first, the HParams tab filled.
+    groups, hparams, metrics = tensorboard_cards_and_hparams(run / "tensorboard")
+    assert groups[:2] == ["loss", "perplexity"], groups
+    assert {"model/n_embd", "optimizer/lr", "data/block_size"} <= set(hparams)
+    assert metrics == ["loss/val", "perplexity/val"]
 
 
 def fabric_run(*args: str) -> subprocess.CompletedProcess:
@@ -271,7 +277,7 @@ def test_fabric_run_two_ddp_processes_share_one_run_dir(tmp_path, corpus_dir):
         "tensorboard",
     ]
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step000003.ckpt", "step000006.ckpt"]
-    assert len(list((run / "tensorboard").iterdir())) == 1  # one event file: rank 0's
+    assert len(list((run / "tensorboard").glob("events.out.tfevents.*"))) == 1  # one event file: rank 0's
     logged = scalars(run / "tensorboard")
     assert sorted(logged["val/loss"]) == [3, 6]
     assert logged["train/tokens"][5] == 6 * 2 * 8 * 32 * 2  # steps x accumulation x batch x block x ranks

@@ -9,10 +9,10 @@ from helpers import (
     TINY_MODEL,
     compose_config,
     read_csv_metric,
+    tensorboard_cards_and_hparams,
     tiny_train_overrides,
 )
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
 
 from lmforge.cli.train import train
 from lmforge.lightning.callbacks import ProgressBar
@@ -108,14 +108,14 @@ def test_tensorboard_events_hold_scalars_samples_and_hparams(tmp_path, corpus_di
     accumulator.Reload()
     scalars = set(accumulator.Tags()["scalars"])
     expected = {
-        "train/loss",
-        "val/loss",
-        "val/ppl",
-        "test/loss",
-        "test/ppl",
+        "loss/train",
+        "loss/val",
+        "loss/test",
+        "perplexity/val",
+        "perplexity/test",
         "train/grad_norm",
         "train/tokens",
-        "lr-AdamW/decay",
+        "train/lr-AdamW/decay",
         "train/device/items_per_sec",
     }
     assert expected <= scalars, expected - scalars
@@ -124,16 +124,17 @@ def test_tensorboard_events_hold_scalars_samples_and_hparams(tmp_path, corpus_di
     tokens_per_step = 8 * 32  # data.batch_size x data.block_size
     tokens = {event.step: event.value for event in accumulator.Scalars("train/tokens")}
     assert tokens == {step: (step + 1) * tokens_per_step for step in range(1, 12, 2)}
-    assert sorted(event.step for event in accumulator.Scalars("train/loss")) == list(range(1, 12, 2))
-    val_loss = accumulator.Scalars("val/loss")[-1].value
-    val_ppl = accumulator.Scalars("val/ppl")[-1].value
+    assert sorted(event.step for event in accumulator.Scalars("loss/train")) == list(range(1, 12, 2))
+    val_loss = accumulator.Scalars("loss/val")[-1].value
+    val_ppl = accumulator.Scalars("perplexity/val")[-1].value
     assert val_ppl == pytest.approx(torch.tensor(val_loss).exp().item(), rel=1e-4)
+    assert [event.step for event in accumulator.Scalars("loss/val")] == [5, 11]  # no stray point from HParams
     assert "samples/text_summary" in accumulator.Tags()["tensors"]
     sample = accumulator.Tensors("samples/text_summary")[-1].tensor_proto.string_val[0].decode()
     assert sample.strip()
-    # The HParams tab: the run's hyperparameters with its final validation loss.
-    hparams = accumulator.PluginTagToContent("hparams")
-    start = HParamsPluginData.FromString(hparams["_hparams_/session_start_info"]).session_start_info.hparams
-    assert start["model/n_layer"].number_value == 1 and start["data/block_size"].number_value == 32
-    assert "optimizer/lr" in start and "hparams/val_loss" in scalars
-    assert accumulator.Scalars("hparams/val_loss")[-1].value == pytest.approx(val_loss, abs=1e-6)
+    # TensorBoard lays out its cards by tag group in alphabetical order: loss, then perplexity, first.
+    # The HParams tab: the run's hyperparameters, with the validation loss and perplexity as its metrics.
+    groups, hparams, metrics = tensorboard_cards_and_hparams(tmp_path / "run" / "tensorboard")
+    assert groups[:2] == ["loss", "perplexity"], groups
+    assert {"model/n_layer", "data/block_size", "optimizer/lr", "scheduler/warmup_steps"} <= set(hparams)
+    assert metrics == ["loss/val", "perplexity/val"]

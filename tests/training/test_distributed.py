@@ -136,7 +136,7 @@ def test_ddp_validation_loss_equals_single_process_eval(ddp_log_dir, tmp_path):
     run_dir = only_run_dir(ddp_log_dir)
     events = EventAccumulator(str(run_dir / "tensorboard"))
     events.Reload()
-    two_processes = events.Scalars("val/loss")[-1]
+    two_processes = events.Scalars("loss/val")[-1]  # the metric val/loss
     assert two_processes.step == MAX_STEPS - 1  # the validation after the last step (0-based index)
     checkpoint = run_dir / "checkpoints" / "last.ckpt"
     cfg = compose_config("eval", [f"ckpt_path={checkpoint}", "trainer.accelerator=cpu", "splits=[val]"], tmp_path)

@@ -91,10 +91,10 @@ def test_validation_logs_task_scores_and_answers_as_text(fine_tuned):
     root, _, _ = fine_tuned
     events = EventAccumulator(str(root / "run" / "tensorboard"), size_guidance={"tensors": 0})
     events.Reload()
-    val_loss_steps = [event.step for event in events.Scalars("val/loss")]
+    val_loss_steps = [event.step for event in events.Scalars("loss/val")]
     assert len(val_loss_steps) == 2
     for name in ("exact_match", "chrf", "bleu"):
-        # at every validation, beside val/loss; not in the sanity check before training
+        # at every validation, beside val/loss (tag loss/val); not in the sanity check before training
         assert [event.step for event in events.Scalars(f"val/{name}")] == val_loss_steps, name
         assert 0 <= events.Scalars(f"test/{name}")[-1].value <= 100
     assert "val/answers/text_summary" in events.Tags()["tensors"]

@@ -34,6 +34,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     )
     load_initial_weights(run, module.net)
     module.run_metadata = run.metadata
+    module.run_hyperparameters = run.hyperparameters
     trainer: L.Trainer = instantiate(
         cfg.trainer, callbacks=instantiate_all(cfg.get("callbacks")), logger=instantiate_all(cfg.get("logger"))
     )

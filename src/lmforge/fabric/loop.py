@@ -33,6 +33,7 @@ from torchmetrics import MeanMetric
 from lmforge.errors import ConfigError
 from lmforge.training.batching import PLANNED_SETTINGS
 from lmforge.training.config import instantiate_all
+from lmforge.training.loggers import log_final_hparams
 from lmforge.training.loss import batch_loss, loss_and_perplexity
 from lmforge.training.network import build_network
 from lmforge.training.optim import build_optimizer, gradient_norm
@@ -391,6 +392,7 @@ def _train(fabric: L.Fabric, run: Run, loop: LoopSettings) -> dict[str, float]:
     finally:
         signals.uninstall()
 
+    log_final_hparams(fabric.loggers, run.hyperparameters)
     if cfg.test:
         test_loader = loader(datamodule.eval_loader("test", rank, world_size))
         test_loss, test_ppl = evaluate(fabric, model, test_loader, eval_loss, cfg.ignore_index, eval_batches)

@@ -10,9 +10,9 @@ from hydra.utils import instantiate
 from tokenizers import Tokenizer
 from torchmetrics import MeanMetric
 
-from lmforge.lightning.loggers import TensorBoardLogger
 from lmforge.models.base import LanguageModel
 from lmforge.training.checkpoint import NetworkCheckpoint
+from lmforge.training.loggers import log_final_hparams
 from lmforge.training.loss import batch_loss, loss_and_perplexity
 from lmforge.training.network import build_network
 from lmforge.training.optim import build_optimizer, gradient_norm
@@ -58,6 +58,7 @@ class LMModule(L.LightningModule):
         self.test_loss = MeanMetric()
         self.task_scores = TaskScores()
         self.run_metadata: dict | None = None
+        self.run_hyperparameters: dict | None = None  # what the HParams tab lists (Run.hyperparameters)
         self.flops_per_batch: float | None = None  # read by the throughput monitor
         self._tokens_per_micro_batch = 0
         self._net_prepared = False
@@ -116,15 +117,10 @@ class LMModule(L.LightningModule):
         return loss
 
     def on_fit_end(self) -> None:
-        """Each TensorBoard logger records the run's hyperparameters with its final validation loss
-        (the HParams tab compares runs, e.g. of a sweep, by it)."""
-        val_loss = self.trainer.callback_metrics.get("val/loss")
-        if val_loss is None:
-            return
-        params = {**self.hparams, "data": (self.run_metadata or {}).get("data") or {}}
-        for logger in self.loggers:
-            if isinstance(logger, TensorBoardLogger):
-                logger.log_final_hparams(params, float(val_loss))
+        """Each TensorBoard logger records the run's hyperparameters; the HParams tab shows them with
+        the run's last validation loss and perplexity (it compares runs, e.g. of a sweep, by them)."""
+        if self.run_hyperparameters is not None:
+            log_final_hparams(self.loggers, self.run_hyperparameters)
 
     def _logs_this_step(self) -> bool:
         """Whether the training values of the optimizer step in progress are logged."""

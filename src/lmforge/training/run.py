@@ -89,6 +89,18 @@ class Run:
     def tokenizer(self) -> Tokenizer:
         return self.datamodule.tokenizer
 
+    @property
+    def hyperparameters(self) -> dict:
+        """What TensorBoard's HParams tab lists for the run: network, optimizer, schedule, data (and LoRA)."""
+        settings = {
+            "model": self.net_config,
+            "optimizer": to_container(self.cfg.optimizer),
+            "scheduler": to_container(self.cfg.get("scheduler")),
+            "data": self.metadata.get("data") or {},
+            "lora": to_container(self.cfg.get("lora")),
+        }
+        return {key: value for key, value in settings.items() if value is not None}
+
 
 @dataclass
 class RunResult:
