@@ -18,6 +18,7 @@
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from tokenizers import Tokenizer
 
 from lmforge.data.datamodule import ServedData
+from lmforge.data.sources import is_url
 from lmforge.data.tasks import pretrained_chat_template
 from lmforge.errors import CheckpointError, ConfigError
 from lmforge.training.batching import apply_batch_plan
@@ -43,6 +45,7 @@ from lmforge.training.checkpoint import (
 from lmforge.training.config import apply_extras, build_datamodule, model_config, to_container
 from lmforge.training.generation import generate_sample
 from lmforge.training.initialization import RUN_SETTINGS, InitialWeights, read_initial_weights
+from lmforge.training.mirror import RunDirMirror, local_log_dir, remote_run_dir
 from lmforge.training.network import LORA_KEY
 from lmforge.training.parallel import is_sharded, is_tensor_parallel, shut_down_process_group
 from lmforge.training.report import print_run_summary
@@ -80,6 +83,7 @@ class Run:
     metadata: dict  # checkpoint["lmforge"] of every checkpoint this run writes
     resume: Resume | None = None
     init: InitialWeights | None = None
+    mirror: RunDirMirror | None = None  # rank 0's upload of the run directory when paths.log_dir is a URL
 
     @property
     def resume_from(self) -> str | None:
@@ -140,7 +144,7 @@ def _initial_weights(cfg: DictConfig) -> InitialWeights | None:
     source = cfg.get("init_from")
     if not source:
         return None
-    log_dir = Path(cfg.paths.log_dir) / cfg.task_name
+    log_dir = local_log_dir(cfg.paths.log_dir) / cfg.task_name
     init = read_initial_weights(
         str(source), cfg.data.block_size, log_dir, cfg.allow_unsafe_checkpoint, cfg.model.get("_target_")
     )
@@ -161,12 +165,12 @@ def _resume_checkpoint(cfg: DictConfig, loop: str) -> Resume | None:
     (the newest checkpoint of this task with this run's network and data)."""
     allow_unsafe = cfg.allow_unsafe_checkpoint
     if str(cfg.get("ckpt_path")) == "last":
-        search_dir = Path(cfg.paths.log_dir) / cfg.task_name
+        search_dir = local_log_dir(cfg.paths.log_dir) / cfg.task_name
         path = str(
             newest_matching_checkpoint(search_dir, to_container(cfg.model), to_container(cfg.data), allow_unsafe)
         )
     else:
-        path = resolve_checkpoint(cfg.get("ckpt_path"), Path(cfg.paths.log_dir) / cfg.task_name)
+        path = resolve_checkpoint(cfg.get("ckpt_path"), local_log_dir(cfg.paths.log_dir) / cfg.task_name)
     if path is None:
         return None
     checkpoint = read_checkpoint(path, allow_unsafe)
@@ -201,7 +205,17 @@ def prepare_run(cfg: DictConfig, start: Start, loop: str) -> Run:
             )
     net_config = model_config(cfg.model, vocab_size)
     metadata = checkpoint_metadata(loop, net_config, datamodule.tokenizer_json, to_container(cfg.data))
-    return Run(cfg, loop, datamodule, net_config, metadata, resume, init)
+    return Run(cfg, loop, datamodule, net_config, metadata, resume, init, _start_mirror(cfg))
+
+
+def _start_mirror(cfg: DictConfig) -> RunDirMirror | None:
+    """Rank 0 of a run whose ``paths.log_dir`` is a URL starts mirroring its run directory there."""
+    log_dir = str(cfg.paths.log_dir)
+    if not is_url(log_dir) or not is_rank_zero_process():
+        return None
+    run_dir = Path(cfg.paths.output_dir)
+    url = remote_run_dir(log_dir, run_dir, cfg.task_name)
+    return RunDirMirror(run_dir, url, float(cfg.paths.sync_every_seconds)).start()
 
 
 def load_initial_weights(run: Run, net: torch.nn.Module) -> None:
@@ -237,4 +251,19 @@ def finish_run(
             tensorboard_dir=result.tensorboard_dir,
             sample=sample,
         )
+    if run.mirror is not None:
+        _close_mirror(run.mirror)
     shut_down_process_group()
+
+
+def _close_mirror(mirror: RunDirMirror) -> None:
+    """Upload the rest of the run directory; a store that refuses leaves the run's local copy and one line."""
+    try:
+        mirror.close()
+    except Exception as exc:
+        print(
+            f"warning: could not upload the run directory to {mirror.url} ({exc}); it is complete in {mirror.local}",
+            file=sys.stderr,
+        )
+    else:
+        print(f"run directory uploaded to {mirror.url}")

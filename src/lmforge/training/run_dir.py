@@ -23,6 +23,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from lmforge.training.mirror import local_log_dir
+
 # (torchrun, ``fabric run``, srun, one Lightning launch per node).
 
 # How long ranks > 0 wait for rank 0's hand-over file; older files are left-overs of killed runs.
@@ -134,6 +136,7 @@ def run_label(overrides: str) -> str:
 def shared_run_dir(parent: str, overrides: str = "") -> str:
     """``<parent>/<start time>_<overrides>`` (see :func:`run_label`), the same in every process of a
     launch (resolver ``lmforge_run_dir``)."""
+    parent = str(local_log_dir(parent))  # a URL's staging copy: lmforge.training.mirror uploads the run
     if not is_rank_zero_process() and (run_dir := _received(parent)):
         return run_dir
     run_dir = f"{parent}/{datetime.now():%Y-%m-%d_%H-%M-%S-%f}{run_label(overrides)}"
