@@ -97,3 +97,6 @@ def test_cli_run_under_a_file_url_lands_in_its_staging_copy_and_the_url(tmp_path
     assert sorted(p.relative_to(uploaded) for p in uploaded.rglob("*") if p.is_file()) == local_files
     assert (uploaded / "checkpoints" / "last.ckpt").read_bytes() == (staged / "checkpoints" / "last.ckpt").read_bytes()
     assert f"run directory uploaded to file://{bucket}/train/runs/{staged.name}" in result.stdout
+    # ckpt_path=last under the same URL finds the run in the staging copy.
+    evaluated = run_cli("eval", "ckpt_path=last", f"paths.log_dir=file://{bucket}", "splits=[val]", env=env)
+    assert succeeded(evaluated) and "val/loss" in evaluated.stdout  # file:/... read as a local path finds nothing

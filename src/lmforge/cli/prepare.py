@@ -4,14 +4,13 @@ With ``init_from``, the corpus is tokenized with the source's tokenizer, as the 
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import hydra
 from omegaconf import DictConfig
 
 from lmforge.errors import reported_errors
 from lmforge.training.config import CONFIG_PATH, apply_extras, build_datamodule
 from lmforge.training.initialization import read_initial_tokenizer
+from lmforge.training.mirror import local_log_dir
 
 
 def prepare(cfg: DictConfig) -> str:
@@ -19,7 +18,7 @@ def prepare(cfg: DictConfig) -> str:
     apply_extras(cfg)
     tokenizer_json = None
     if cfg.get("init_from"):
-        log_dir = Path(cfg.paths.log_dir) / "train"  # where `lmforge train` looks for init_from=last
+        log_dir = local_log_dir(cfg.paths.log_dir) / "train"  # where `lmforge train` looks for init_from=last
         tokenizer_json = read_initial_tokenizer(str(cfg.init_from), log_dir, cfg.allow_unsafe_checkpoint)
     datamodule = build_datamodule(cfg.data, tokenizer_json=tokenizer_json)
     datamodule.prepare_data()

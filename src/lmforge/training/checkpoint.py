@@ -35,6 +35,7 @@ from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 from lmforge.data.sources import is_url
 from lmforge.errors import CheckpointError
 from lmforge.models.base import LanguageModel
+from lmforge.training.mirror import local_log_dir
 from lmforge.training.network import LORA_KEY, build_network, merged_network
 
 log = logging.getLogger("lmforge")
@@ -337,8 +338,8 @@ def resolve_checkpoint(ckpt_path: str | None, search_dir: str | Path) -> str | N
     """
     if ckpt_path is None or str(ckpt_path) == "":
         return None
-    if str(ckpt_path) == "last":
-        return str(newest_checkpoint(search_dir))
+    if str(ckpt_path) == "last":  # under a URL log directory: its local staging copy (lmforge.training.mirror)
+        return str(newest_checkpoint(local_log_dir(str(search_dir))))
     path = fetch_checkpoint(str(ckpt_path)) if is_url(str(ckpt_path)) else Path(ckpt_path).expanduser()
     if path.is_dir() and not is_sharded_checkpoint(path) and not (path / _META_FILE).exists():
         return str(newest_checkpoint(path))  # a run directory
