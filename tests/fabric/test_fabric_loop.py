@@ -258,6 +258,7 @@ def test_fabric_run_two_ddp_processes_share_one_run_dir(tmp_path, corpus_dir):
         "trainer.val_check_interval=3",
         "trainer.checkpoint_every_n_steps=3",
         "data.eval_windows=33",  # ranks get 17 and 16 windows: one more eval batch on rank 0
+        "process_group_timeout=120",  # a stuck collective fails with its traceback before the 300 s kill
         f"paths.log_dir={logs}",
         f"paths.data_dir={tmp_path}/data",
     )
