@@ -25,7 +25,7 @@ def test_staging_copy_and_remote_run_dir_correspond(cache_home, tmp_path):
     assert local_log_dir(url) == staging_dir(url) and local_log_dir(str(tmp_path)) == tmp_path
     run_dir = staging_dir(url) / "train" / "multiruns" / "2026-12-03_10-00-00" / "3"
     assert remote_run_dir(url, run_dir, "train") == "s3://bucket/team/logs/train/multiruns/2026-12-03_10-00-00/3"
-    assert remote_run_dir(url, tmp_path / "run", "fabric") == "s3://bucket/team/logs/fabric/runs/run"
+    assert remote_run_dir(url, tmp_path / "run", "eval") == "s3://bucket/team/logs/eval/runs/run"
 
 
 def test_mirror_uploads_new_and_changed_files_only_never_partial_ones(tmp_path):
