@@ -166,6 +166,20 @@ def test_first_loss_matches_the_trainer(tmp_path, corpus_dir):
         fit(compose_config("fabric", resume, tmp_path / "f2"))
 
 
+def test_run_under_a_url_log_dir_is_mirrored_there(tmp_path, corpus_dir, monkeypatch):
+    """The Fabric loop shares the run lifecycle: under paths.log_dir=<URL> its run directory is uploaded."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    bucket = tmp_path / "bucket"
+    overrides = tiny_fabric_overrides(corpus_dir, "trainer.max_steps=4", "test=false", f"paths.log_dir=file://{bucket}")
+    fit(compose_config("fabric", overrides, tmp_path / "local"))
+    local, uploaded = tmp_path / "local" / "run", bucket / "fabric" / "runs" / "run"
+    assert sorted(p.relative_to(uploaded) for p in uploaded.rglob("*") if p.is_file()) == sorted(
+        p.relative_to(local) for p in local.rglob("*") if p.is_file()
+    )
+    final = local / "checkpoints" / "step000004.ckpt"
+    assert (uploaded / "checkpoints" / "step000004.ckpt").read_bytes() == final.read_bytes()
+
+
 @pytest.mark.slow
 def test_cli_trains_validates_logs_and_checkpoints(tmp_path, corpus_dir):
     logs = tmp_path / "logs"
